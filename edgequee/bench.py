@@ -1,0 +1,142 @@
+"""Accuracy vs measured latency of threshold policies at each precision, against the whole model.
+
+Accuracy and exit histograms come from every test image's exit logits, computed once per precision with the
+real TFLite blocks (``EdgeRunner.all_exits``); a max-softmax threshold policy is a deterministic function of
+those. Latency is *measured* in the runtime loop (``EdgeRunner.classify``) on ``latency_samples`` images per
+policy, and the runtime's answers on those images are checked against the trace-derived ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InternalError
+from .policies import ThresholdPolicy
+from .runtime import EdgeRunner, WholeModelRunner
+
+__all__ = ["DEFAULT_THRESHOLDS", "exits_for_threshold", "measure_split_overhead", "bench_bundle"]
+
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, math.inf)
+Progress = Callable[[int, int, str], None]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def exits_for_threshold(max_probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Exit index per sample: the first exit whose max softmax ≥ threshold, else the last. (N, L) → (N,)"""
+    hit = max_probs[:, :-1] >= threshold
+    return np.where(hit.any(1), hit.argmax(1), max_probs.shape[1] - 1)
+
+
+def _mean_latency_ms(classify: Callable[[np.ndarray], object], images: np.ndarray, warmup: int = 20) -> tuple[float, list]:
+    for im in images[:warmup]:
+        classify(im)
+    results = [classify(im) for im in images]
+    return float(np.mean([r.latency_ms for r in results])), results  # type: ignore[attr-defined]
+
+
+def measure_split_overhead(
+    bundle: Bundle, images: np.ndarray, precision: str, num_threads: int = 1, rounds: int = 7
+) -> dict[str, float]:
+    """Runtime loop with every block and no early exit ÷ the whole model, same precision and threads.
+
+    Both run end to end (preprocessing, invokes, softmax) on the same images in alternating rounds; the median of
+    the per-round ratios is reported, so slow drifts of a noisy machine hit both sides alike.
+    """
+    split = EdgeRunner(bundle, ThresholdPolicy(precision), num_threads=num_threads)
+    whole = WholeModelRunner(bundle, precision, num_threads=num_threads)
+    ratios, split_ms, whole_ms = [], [], []
+    for _ in range(rounds):
+        s, _ = _mean_latency_ms(split.classify, images)
+        w, _ = _mean_latency_ms(whole.classify, images)
+        ratios.append(s / w)
+        split_ms.append(s)
+        whole_ms.append(w)
+    return {
+        "ratio": float(np.median(ratios)),
+        "split_latency_ms": float(np.median(split_ms)),
+        "whole_latency_ms": float(np.median(whole_ms)),
+        "rounds": rounds,
+        "images": int(len(images)),
+    }
+
+
+def bench_bundle(
+    bundle: Bundle,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    precisions: Sequence[str] | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    num_threads: int = 1,
+    latency_samples: int = 500,
+    progress: Progress | None = None,
+) -> dict:  # type: ignore[type-arg]
+    """Run the benchmark; returns the JSON-ready report (see module docstring)."""
+    m = bundle.manifest
+    precisions = list(precisions or m.precisions)
+    lat_x = images[:latency_samples]
+    runner = EdgeRunner(bundle, num_threads=num_threads)
+    steps = len(precisions) * (1 + len(thresholds)) + len(m.whole_model)
+    done = 0
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps, label)
+
+    whole = {}
+    for p in m.whole_model:
+        wr = WholeModelRunner(bundle, p, num_threads=num_threads)
+        acc = float((wr.logits(images).argmax(1) == labels).mean())
+        lat, _ = _mean_latency_ms(wr.classify, lat_x)
+        whole[p] = {"accuracy": acc, "latency_ms": lat}
+        tick(f"whole model {p}")
+    policies, split_overhead, exit_accuracy = [], {}, {}
+    macs = np.asarray(m.cumulative_macs(), np.float64)
+    for p in precisions:
+        logits = runner.all_exits(images, [p] * m.num_exits)
+        probs = _softmax(logits)
+        max_p, top = probs.max(-1), probs.argmax(-1)
+        exit_accuracy[p] = [float(a) for a in (top == labels[:, None]).mean(0)]
+        tick(f"exit traces {p}")
+        for t in thresholds:
+            ex = exits_for_threshold(max_p, t)
+            pred = top[np.arange(len(ex)), ex]
+            runner.set_policy(ThresholdPolicy(p, t))
+            lat, results = _mean_latency_ms(runner.classify, lat_x)
+            got = np.array([(r.exit_index, r.class_id) for r in results])
+            if not (np.array_equal(got[:, 0], ex[: len(lat_x)]) and np.array_equal(got[:, 1], pred[: len(lat_x)])):
+                raise InternalError(f"runtime loop and exit traces disagree at {p} threshold {t}")
+            policies.append(
+                {
+                    "name": "threshold",
+                    "precision": p,
+                    "threshold": None if math.isinf(t) else t,
+                    "accuracy": float((pred == labels).mean()),
+                    "mean_latency_ms": lat,
+                    "mean_macs": float(macs[ex].mean()),
+                    "exit_histogram": np.bincount(ex, minlength=m.num_exits).tolist(),
+                }
+            )
+            tick(f"{p} threshold {t}")
+        if p in whole:
+            split_overhead[p] = measure_split_overhead(bundle, lat_x, p, num_threads, rounds=3)["ratio"]
+    return {
+        "model": m.model,
+        "n_images": int(len(images)),
+        "latency_samples": int(len(lat_x)),
+        "threads": num_threads,
+        "exit_accuracy": exit_accuracy,
+        "whole_model": whole,
+        "policies": policies,
+        "split_overhead": split_overhead,
+    }

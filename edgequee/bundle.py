@@ -1,0 +1,410 @@
+"""The bundle: the one artifact that crosses from host to device.
+
+A bundle is a directory::
+
+    BUNDLE/
+      manifest.json          # Manifest below, format_version-checked
+      heads.npz              # float classifier (W_i, b_i) of every exit head
+      blocks/block03_int8.tflite ...
+      whole/whole_fp32.tflite ...  # the unsplit model, as a baseline
+      profiles/<device>.json # written on the device by `edgequee profile` (not hashed)
+
+Every file named by the manifest carries its sha256 and is verified by ``load_bundle``. Bundles are written
+into a temporary sibling directory and renamed into place, so a failed conversion never leaves half a bundle.
+
+Why the exit heads end in numpy: each block graph outputs the head's *features* (e.g. pooled activations)
+and the head's last Linear runs in float on the device (microseconds). Quantizing that last layer to int8
+rounds the logits to ~1/256 of their range, which flips the top-1 of low-margin exits (measured on
+ResNet-56: isolated int8 exit agreement 0.80 at the first exit with the Linear in int8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from .errors import BundleError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PRECISIONS",
+    "Precision",
+    "QuantParams",
+    "TensorSpec",
+    "PrecisionArtifact",
+    "BlockEntry",
+    "InputSpec",
+    "BlockParity",
+    "ChainedParity",
+    "ParityReport",
+    "Manifest",
+    "Bundle",
+    "load_bundle",
+    "write_bundle",
+    "sha256_file",
+    "write_json_atomic",
+    "staging_dir",
+    "save_heads",
+]
+
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8"]
+MANIFEST = "manifest.json"
+HEADS = "heads.npz"
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine per-tensor quantization: real = scale * (q - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name in the .tflite, NHWC shape, dtype and (for int8) quantization."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    quant: QuantParams | None = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        q = d.get("quant")
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], QuantParams(**q) if q else None)
+
+
+@dataclass(frozen=True)
+class PrecisionArtifact:
+    """One .tflite file: a block (or the whole model) at one precision.
+
+    ``outputs`` maps a role to its tensor: ``hidden`` (the next block's input; absent in the last block) and
+    ``features`` (input of the exit head's float classifier) for blocks; ``logits`` for the whole model.
+    """
+
+    precision: str
+    file: str
+    sha256: str
+    size_bytes: int
+    input: TensorSpec
+    outputs: Mapping[str, TensorSpec]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "PrecisionArtifact":
+        return cls(
+            d["precision"],
+            d["file"],
+            d["sha256"],
+            d["size_bytes"],
+            TensorSpec.from_json(d["input"]),
+            {k: TensorSpec.from_json(v) for k, v in d["outputs"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """Block ``index`` maps hidden state ``index`` (the image for block 0) to hidden ``index+1`` and exit ``index``."""
+
+    index: int
+    name: str
+    macs: int
+    params: int
+    input_shape: tuple[int, ...]
+    hidden_shape: tuple[int, ...] | None
+    num_features: int
+    artifacts: Mapping[str, PrecisionArtifact]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "BlockEntry":
+        return cls(
+            d["index"],
+            d["name"],
+            d["macs"],
+            d["params"],
+            tuple(d["input_shape"]),
+            tuple(d["hidden_shape"]) if d["hidden_shape"] is not None else None,
+            d["num_features"],
+            {k: PrecisionArtifact.from_json(v) for k, v in d["artifacts"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw uint8 RGB images (N, H, W, C) become the first block's float input: (x * scale - mean) / std."""
+
+    height: int
+    width: int
+    channels: int = 3
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    color: str = "RGB"
+    layout: str = "NHWC"
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "InputSpec":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+@dataclass(frozen=True)
+class BlockParity:
+    """Isolated parity: the block fed the exact torch activations, compared with torch's outputs."""
+
+    block: int
+    precision: str
+    exit_agreement: float
+    hidden_max_abs_err: float | None
+    features_max_abs_err: float
+
+
+@dataclass(frozen=True)
+class ChainedParity:
+    """Chained parity: all blocks at one precision from the image; top-1 agreement and accuracy per exit."""
+
+    precision: str
+    exit_agreement: tuple[float, ...]
+    exit_accuracy: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    n_images: int
+    torch_exit_accuracy: tuple[float, ...] | None
+    isolated: tuple[BlockParity, ...]
+    chained: tuple[ChainedParity, ...]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ParityReport":
+        acc = d.get("torch_exit_accuracy")
+        return cls(
+            d["n_images"],
+            tuple(acc) if acc is not None else None,
+            tuple(BlockParity(**b) for b in d["isolated"]),
+            tuple(
+                ChainedParity(
+                    c["precision"],
+                    tuple(c["exit_agreement"]),
+                    tuple(c["exit_accuracy"]) if c.get("exit_accuracy") is not None else None,
+                )
+                for c in d["chained"]
+            ),
+        )
+
+    def min_isolated_agreement(self, precision: str) -> float:
+        return min(p.exit_agreement for p in self.isolated if p.precision == precision)
+
+    def chained_for(self, precision: str) -> ChainedParity:
+        for c in self.chained:
+            if c.precision == precision:
+                return c
+        raise BundleError(f"no chained parity for {precision} in this bundle")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the device needs to know about a bundle (manifest.json)."""
+
+    model: str
+    classes: tuple[str, ...]
+    input: InputSpec
+    blocks: tuple[BlockEntry, ...]
+    heads_sha256: str
+    whole_model: Mapping[str, PrecisionArtifact]
+    parity: ParityReport | None = None
+    conversion: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Precisions available for every block, in PRECISIONS order."""
+        common = set.intersection(*(set(b.artifacts) for b in self.blocks))
+        return tuple(p for p in PRECISIONS if p in common)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.blocks)
+
+    def cumulative_macs(self) -> list[int]:
+        out, total = [], 0
+        for b in self.blocks:
+            total += b.macs
+            out.append(total)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Manifest":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format_version {version!r}, this edgequee reads {FORMAT_VERSION}; "
+                "re-convert the model or install the matching edgequee"
+            )
+        try:
+            return cls(
+                model=d["model"],
+                classes=tuple(d["classes"]),
+                input=InputSpec.from_json(d["input"]),
+                blocks=tuple(BlockEntry.from_json(b) for b in d["blocks"]),
+                heads_sha256=d["heads_sha256"],
+                whole_model={k: PrecisionArtifact.from_json(v) for k, v in d["whole_model"].items()},
+                parity=ParityReport.from_json(d["parity"]) if d.get("parity") else None,
+                conversion=d.get("conversion", {}),
+                format_version=version,
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest.json is malformed ({type(e).__name__}: {e}); re-convert the model") from e
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class Bundle:
+    """A verified bundle on disk: its manifest, file paths, float exit heads and profiles."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._heads: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def file(self, artifact: PrecisionArtifact) -> Path:
+        return self.path / artifact.file
+
+    def block_artifact(self, block: int, precision: str) -> PrecisionArtifact:
+        entry = self.manifest.blocks[block]
+        try:
+            return entry.artifacts[precision]
+        except KeyError:
+            raise BundleError(
+                f"block {block} has no {precision} graph (has {', '.join(entry.artifacts)}); "
+                f"re-convert with --precisions including {precision}"
+            ) from None
+
+    def heads(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Float (W, b) of each exit's classifier: logits = features @ W.T + b."""
+        if self._heads is None:
+            with np.load(self.path / HEADS) as z:
+                self._heads = [
+                    (np.ascontiguousarray(z[f"w{i}"], np.float32), np.ascontiguousarray(z[f"b{i}"], np.float32))
+                    for i in range(self.manifest.num_exits)
+                ]
+        return self._heads
+
+    @property
+    def profiles_dir(self) -> Path:
+        return self.path / "profiles"
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, model={self.manifest.model!r}, blocks={self.manifest.num_exits})"
+
+
+def _artifacts(manifest: Manifest) -> list[PrecisionArtifact]:
+    arts = [a for b in manifest.blocks for a in b.artifacts.values()]
+    return arts + list(manifest.whole_model.values())
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Read and verify a bundle: format version, and the sha256 of every file the manifest names."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; is this an edgequee bundle? (make one with edgequee convert)")
+    try:
+        data = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e}); the bundle is corrupt, re-convert or re-flash it") from e
+    manifest = Manifest.from_json(data)
+    if verify:
+        checks = [(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)]
+        for rel, expected in checks:
+            f = path / rel
+            if not f.is_file():
+                raise BundleError(f"{path}: {rel} is missing; re-convert the model or re-flash the bundle")
+            got = sha256_file(f)
+            if got != expected:
+                raise BundleError(
+                    f"{path}: {rel} sha256 mismatch (manifest {expected[:8]}, file {got[:8]}); "
+                    "the file is corrupt: re-convert or re-flash the bundle"
+                )
+    return Bundle(path, manifest)
+
+
+def write_bundle(staging: Path, manifest: Manifest, dest: Path, overwrite: bool = False) -> Bundle:
+    """Write ``manifest`` into ``staging`` (which holds every file it names) and rename it to ``dest``.
+
+    ``staging`` must be on the same filesystem as ``dest`` (make it with ``staging_dir(dest)``). An existing
+    ``dest`` is replaced only with ``overwrite``; it is moved aside first and removed once the new one is in place.
+    """
+    staging, dest = Path(staging), Path(dest)
+    write_json_atomic(staging / MANIFEST, manifest.to_json())
+    bundle = load_bundle(staging)  # verify what we are about to publish
+    old = None
+    if dest.exists():
+        if not overwrite:
+            raise BundleError(f"{dest} exists; pass --force to replace it")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    bundle.path = dest
+    return bundle
+
+
+def staging_dir(dest: Path) -> Path:
+    """A fresh temporary directory beside ``dest`` (same filesystem, so the final rename is atomic)."""
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+
+def save_heads(path: Path, heads: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:
+    """Save float exit classifiers to ``path`` (heads.npz); return its sha256."""
+    arrays = {}
+    for i, (w, b) in enumerate(heads):
+        arrays[f"w{i}"] = np.asarray(w, np.float32)
+        arrays[f"b{i}"] = np.asarray(b, np.float32)
+    np.savez(path, **arrays)
+    return sha256_file(path)

@@ -1,0 +1,51 @@
+"""Inputs for `edgequee run`: image files, folders of images, or .npz files, as uint8 RGB of the bundle's size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ._lazy import require
+from .bundle import InputSpec
+from .errors import DataError
+
+__all__ = ["read_inputs"]
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
+
+
+def read_inputs(inputs: Sequence[str], spec: InputSpec) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, uint8 H×W×C RGB image) for every input, resized to the bundle's input size."""
+    for item in inputs:
+        path = Path(item)
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                key = "x_test" if "x_test" in z else z.files[0]
+                for i, img in enumerate(z[key]):
+                    yield f"{path.name}[{i}]", _fit(img, spec, f"{path}[{i}]")
+        elif path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES):
+                yield str(f), _read_image(f, spec)
+        elif path.is_file():
+            yield str(path), _read_image(path, spec)
+        else:
+            raise DataError(f"{item}: no such file or folder (give image files, folders or .npz)")
+
+
+def _read_image(path: Path, spec: InputSpec) -> np.ndarray:
+    cv2 = require("cv2", extra="camera")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: cannot decode this image")
+    return _fit(np.ascontiguousarray(img[:, :, ::-1]), spec, str(path))
+
+
+def _fit(img: np.ndarray, spec: InputSpec, name: str) -> np.ndarray:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != spec.channels:
+        raise DataError(f"{name}: expected uint8 H×W×{spec.channels} RGB, got {img.dtype} {img.shape}")
+    if img.shape[:2] != (spec.height, spec.width):
+        cv2 = require("cv2", extra="camera")
+        img = cv2.resize(img, (spec.width, spec.height), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img)

@@ -1,0 +1,37 @@
+"""Raw uint8 RGB images → the first graph's input (float, or int8 for int8 graphs), via a lookup table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import InputSpec, QuantParams
+from .errors import DataError
+from .quant import quantize
+
+__all__ = ["normalize", "make_lut", "check_images"]
+
+
+def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 (N, H, W, C) or (H, W, C) → float32 (x * scale - mean) / std, same layout (NHWC)."""
+    check_images(images, spec)
+    x = images.astype(np.float32) * np.float32(spec.scale)
+    return (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+
+
+def make_lut(spec: InputSpec, qp: QuantParams | None) -> np.ndarray:
+    """A (256, C) table: lut[v, c] is the graph input for channel c of pixel value v.
+
+    Preprocessing (and int8 quantization) of a frame then costs one gather: ``lut[img, arange(C)]``.
+    """
+    v = np.arange(256, dtype=np.float32)[:, None] * np.float32(spec.scale)
+    x = (v - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return quantize(x, qp) if qp is not None else x.astype(np.float32)
+
+
+def check_images(images: np.ndarray, spec: InputSpec) -> None:
+    want = (spec.height, spec.width, spec.channels)
+    if images.dtype != np.uint8 or images.shape[-3:] != want or images.ndim not in (3, 4):
+        raise DataError(
+            f"images must be uint8 {spec.layout} of shape (N, {want[0]}, {want[1]}, {want[2]}) or {want}, "
+            f"got {images.dtype} {images.shape}; resize to {want[0]}x{want[1]} RGB and pass raw 0-255 pixels"
+        )

@@ -1,0 +1,138 @@
+"""Human-readable tables for the CLI (and an accuracy–latency plot); pure formatting, no measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .bundle import Bundle
+
+__all__ = ["table", "inspect_text", "profile_table", "bench_table", "quickstart_text", "plot_bench"]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned numeric columns."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).rjust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def inspect_text(bundle: Bundle) -> str:
+    m = bundle.manifest
+    lines = [
+        f"bundle {bundle.path}  (format {m.format_version}, verified)",
+        f"model {m.model}: {m.num_exits} blocks, {len(m.classes)} classes, input {m.input.height}x{m.input.width}x"
+        f"{m.input.channels} {m.input.color} ({m.input.layout})",
+        f"precisions: {', '.join(m.precisions)}; whole model: {', '.join(m.whole_model) or 'none'}",
+    ]
+    rows = []
+    cum = m.cumulative_macs()
+    for b, c in zip(m.blocks, cum):
+        sizes = " ".join(f"{p}:{a.size_bytes // 1024}K" for p, a in b.artifacts.items())
+        rows.append([b.index, b.macs / 1e6, 100 * c / cum[-1], b.params, "x".join(map(str, b.hidden_shape or ())), sizes])
+    lines += ["", table(["block", "MMACs", "cum %", "params", "hidden (NHWC)", "files"], rows)]
+    if m.parity:
+        p = m.parity
+        precs = [c.precision for c in p.chained]
+        rows = []
+        for i in range(m.num_exits):
+            row: list[Any] = [i, _pct(p.torch_exit_accuracy[i]) if p.torch_exit_accuracy else "-"]
+            for prec in precs:
+                iso = next(x for x in p.isolated if x.block == i and x.precision == prec)
+                ch = p.chained_for(prec)
+                row += [_pct(iso.exit_agreement), _pct(ch.exit_agreement[i]),
+                        _pct(ch.exit_accuracy[i]) if ch.exit_accuracy else "-"]
+            rows.append(row)
+        heads = ["exit", "torch acc%"] + [f"{q} {k}" for q in precs for k in ("iso agr%", "chain agr%", "acc%")]
+        lines += ["", f"parity on {p.n_images} images (agreement = top-1 equal to torch's):", table(heads, rows)]
+    if m.conversion.get("seconds"):
+        lines.append(f"\nconversion: {m.conversion['seconds'].get('total_s', 0):.1f} s")
+    profiles = sorted(bundle.profiles_dir.glob("*.json")) if bundle.profiles_dir.is_dir() else []
+    if profiles:
+        lines.append("profiles: " + ", ".join(f.stem for f in profiles))
+    return "\n".join(lines)
+
+
+def profile_table(profile: dict[str, Any]) -> str:
+    precs = sorted({b["precision"] for b in profile["blocks"]}, key=["fp32", "fp16", "int8"].index)
+    by = {(b["block"], b["precision"]): b["latency_ms"] for b in profile["blocks"]}
+    n = max(b["block"] for b in profile["blocks"]) + 1
+    rows = []
+    for i in range(n):
+        rows.append([i] + [f"{by[i, p]['p50_ms']:.4f} / {by[i, p]['p90_ms']:.4f}" for p in precs])
+    rows.append(["sum p50"] + [f"{sum(by[i, p]['p50_ms'] for i in range(n)):.4f}" for p in precs])
+    for p, w in profile.get("whole_model", {}).items():
+        if p in precs:
+            rows.append([f"whole {p}"] + [f"{w['latency_ms']['p50_ms']:.4f}" if q == p else "" for q in precs])
+    head = (f"device {profile['device']}: {profile['runtime']}, {profile['threads']} thread(s), "
+            f"delegate {profile['delegate']}; energy: {profile['energy']['source']}")
+    return head + "\n" + table(["block"] + [f"{p} p50/p90 ms" for p in precs], rows)
+
+
+def bench_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']}: {report['n_images']} images, latency from {report['latency_samples']} per policy, "
+             f"{report['threads']} thread(s)"]
+    rows = [[f"whole {p}", "-", _pct(w["accuracy"]), w["latency_ms"], "-"] for p, w in report["whole_model"].items()]
+    for pol in report["policies"]:
+        t = pol["threshold"]
+        rows.append([f"{pol['name']} {pol['precision']}", "inf" if t is None else t, _pct(pol["accuracy"]),
+                     pol["mean_latency_ms"], " ".join(map(str, pol["exit_histogram"]))])
+    lines.append(table(["policy", "threshold", "acc %", "latency ms", "exits taken (per exit)"], rows))
+    if report.get("split_overhead"):
+        lines.append("split overhead (runtime loop, no early exit ÷ whole model): "
+                     + ", ".join(f"{p} {v:.3f}" for p, v in report["split_overhead"].items()))
+    return "\n".join(lines)
+
+
+def quickstart_text(report: dict[str, Any]) -> str:
+    parts = [
+        f"quickstart: {report['bundle']}",
+        f"convert {report['convert_seconds']:.1f} s, profile {report['profile_seconds']:.1f} s, "
+        f"bench {report['bench_seconds']:.1f} s",
+        "",
+        profile_table(report["profile"]),
+        "",
+        bench_table(report["bench"]),
+    ]
+    return "\n".join(parts)
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> None:
+    """Accuracy vs mean measured latency, one curve per precision, whole models as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    precs = sorted({p["precision"] for p in report["policies"]})
+    for prec in precs:
+        pts = sorted((p["mean_latency_ms"], 100 * p["accuracy"]) for p in report["policies"] if p["precision"] == prec)
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"threshold {prec}")
+    for p, w in report["whole_model"].items():
+        ax.plot(w["latency_ms"], 100 * w["accuracy"], "*", ms=12, label=f"whole model {p}")
+    ax.set_xlabel(f"mean latency per image (ms, measured, {report['threads']} thread(s))")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{report['model']}: early exit × precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,233 @@
+"""EdgeRunner: run a bundle block by block, ask the policy after every exit, stop at the first EXIT.
+
+Device side: imports only numpy and a TFLite runtime (through edgequee.backend).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .backend import Graph
+from .bundle import Bundle, QuantParams, load_bundle
+from .errors import BundleError, DataError
+from .policies import EXIT, ExitState, Policy, ThresholdPolicy
+from .preprocess import check_images, make_lut
+from .quant import copy_boundary, dequantize, fold_dequantize_into_linear
+
+__all__ = ["Result", "EdgeRunner", "WholeModelRunner"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One classified input."""
+
+    class_id: int
+    probs: np.ndarray
+    exit_index: int
+    precision_path: tuple[str, ...]
+    latency_ms: float
+
+
+@dataclass
+class _Stage:
+    """Block ``i`` at one precision, with everything the hot loop needs precomputed."""
+
+    graph: Graph
+    head_a: np.ndarray  # logits = features @ head_a + head_c (dequantization folded in)
+    head_c: np.ndarray
+    features: np.ndarray  # view of the features output, batch row 0
+    hidden: np.ndarray | None  # view of the hidden output (None for the last block)
+    hidden_qp: QuantParams | None
+    input: np.ndarray
+    input_qp: QuantParams | None
+
+
+def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
+    np.subtract(logits, logits.max(), out=out)
+    np.exp(out, out=out)
+    out /= out.sum()
+
+
+def _as_bundle(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+
+
+class EdgeRunner:
+    """Runs a bundle's blocks in order under a policy (default: every block at fp32, no early exit).
+
+    Interpreters, input lookup tables, folded heads and output buffers are built once; ``classify`` allocates
+    only its result.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        policy: Policy | None = None,
+        *,
+        num_threads: int = 1,
+        use_xnnpack: bool = True,
+    ):
+        self.bundle = _as_bundle(bundle)
+        self.manifest = self.bundle.manifest
+        self.num_threads = num_threads
+        self.use_xnnpack = use_xnnpack
+        self._stages: dict[tuple[int, str], _Stage] = {}
+        self._luts: dict[str, np.ndarray] = {}
+        self._chan = np.arange(self.manifest.input.channels)
+        n_classes = len(self.manifest.classes)
+        self._logits = np.empty(n_classes, np.float32)
+        self._probs = np.empty(n_classes, np.float32)
+        self.policy: Policy = ThresholdPolicy()
+        self.set_policy(policy or ThresholdPolicy())
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch policy; graphs for its precisions are loaded now, not on the first frame."""
+        for p in policy.precisions:
+            if p not in self.manifest.precisions:
+                raise BundleError(
+                    f"policy {policy.name} needs {p} but the bundle has {', '.join(self.manifest.precisions)}; "
+                    f"re-convert with --precisions including {p}"
+                )
+            for i in range(self.manifest.num_exits):
+                self._stage(i, p)
+        self.policy = policy
+
+    def _stage(self, block: int, precision: str) -> _Stage:
+        key = (block, precision)
+        stage = self._stages.get(key)
+        if stage is None:
+            art = self.bundle.block_artifact(block, precision)
+            g = Graph(self.bundle.file(art), art, self.num_threads, self.use_xnnpack)
+            w, b = self.bundle.heads()[block]
+            a, c = fold_dequantize_into_linear(w, b, art.outputs["features"].quant)
+            hidden = art.outputs.get("hidden")
+            stage = _Stage(
+                graph=g,
+                head_a=a,
+                head_c=c,
+                features=g.outputs["features"][0],
+                hidden=g.outputs["hidden"] if hidden is not None else None,
+                hidden_qp=hidden.quant if hidden is not None else None,
+                input=g.input,
+                input_qp=art.input.quant,
+            )
+            self._stages[key] = stage
+            if block == 0:
+                self._luts[precision] = make_lut(self.manifest.input, art.input.quant)
+        return stage
+
+    def classify(self, image: np.ndarray) -> Result:
+        """Classify one uint8 RGB image (H, W, C) under the current policy."""
+        if image.shape != self._stages[0, self.policy.start()].input.shape[1:] or image.dtype != np.uint8:
+            check_images(image, self.manifest.input)
+            if image.ndim != 3:
+                raise DataError(f"classify takes one image (H, W, C), got {image.shape}; loop over a batch")
+        t0 = time.perf_counter()
+        policy = self.policy
+        last = self.manifest.num_exits - 1
+        precision = policy.start()
+        stage = self._stages[0, precision]
+        np.copyto(stage.input[0], self._luts[precision][image, self._chan])
+        path = [precision]
+        logits, probs = self._logits, self._probs
+        state = ExitState(0, probs, path)
+        i = 0
+        while True:
+            stage.graph.invoke()
+            np.matmul(stage.features, stage.head_a, out=logits)
+            logits += stage.head_c
+            _softmax_into(logits, probs)
+            if i == last:
+                break
+            state.exit_index = i
+            decision = policy.decide(state)
+            if decision == EXIT:
+                break
+            nxt = self._stages[i + 1, decision]
+            copy_boundary(stage.hidden, stage.hidden_qp, nxt.input, nxt.input_qp)  # type: ignore[arg-type]
+            stage = nxt
+            path.append(decision)
+            i += 1
+        latency_ms = (time.perf_counter() - t0) * 1e3
+        return Result(int(probs.argmax()), probs.copy(), i, tuple(path), latency_ms)
+
+    def all_exits(self, images: np.ndarray, precisions: Sequence[str]) -> np.ndarray:
+        """Logits of every exit for every image when block i runs at ``precisions[i]`` (no early exit).
+
+        Returns float32 (N, num_exits, num_classes). Used for parity checks, traces and benchmarks.
+        """
+        check_images(images, self.manifest.input)
+        if len(precisions) != self.manifest.num_exits:
+            raise DataError(f"need one precision per block ({self.manifest.num_exits}), got {len(precisions)}")
+        stages = [self._stage(i, p) for i, p in enumerate(precisions)]
+        lut = self._luts[precisions[0]]
+        out = np.empty((len(images), len(stages), len(self.manifest.classes)), np.float32)
+        for n, image in enumerate(images):
+            np.copyto(stages[0].input[0], lut[image, self._chan])
+            for i, stage in enumerate(stages):
+                stage.graph.invoke()
+                out[n, i] = stage.features @ stage.head_a + stage.head_c
+                if i + 1 < len(stages):
+                    nxt = stages[i + 1]
+                    copy_boundary(stage.hidden, stage.hidden_qp, nxt.input, nxt.input_qp)  # type: ignore[arg-type]
+        return out
+
+
+class WholeModelRunner:
+    """The unsplit model at one precision (the baseline edgequee is measured against)."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        precision: str = "fp32",
+        *,
+        num_threads: int = 1,
+        use_xnnpack: bool = True,
+    ):
+        self.bundle = _as_bundle(bundle)
+        try:
+            art = self.bundle.manifest.whole_model[precision]
+        except KeyError:
+            have = ", ".join(self.bundle.manifest.whole_model) or "none"
+            raise BundleError(f"no whole-model {precision} graph in this bundle (has {have})") from None
+        self.precision = precision
+        self.graph = Graph(self.bundle.file(art), art, num_threads, use_xnnpack)
+        self._logits_view = self.graph.outputs["logits"][0]
+        self._logits_qp = art.outputs["logits"].quant
+        self._lut = make_lut(self.bundle.manifest.input, art.input.quant)
+        self._chan = np.arange(self.bundle.manifest.input.channels)
+        n_classes = len(self.bundle.manifest.classes)
+        self._logits = np.empty(n_classes, np.float32)
+        self._probs = np.empty(n_classes, np.float32)
+
+    def classify(self, image: np.ndarray) -> Result:
+        if image.shape != self.graph.input.shape[1:] or image.dtype != np.uint8:
+            check_images(image, self.bundle.manifest.input)
+        t0 = time.perf_counter()
+        np.copyto(self.graph.input[0], self._lut[image, self._chan])
+        self.graph.invoke()
+        if self._logits_qp is None:
+            np.copyto(self._logits, self._logits_view)
+        else:
+            dequantize(self._logits_view, self._logits_qp, out=self._logits)
+        _softmax_into(self._logits, self._probs)
+        latency_ms = (time.perf_counter() - t0) * 1e3
+        last = self.bundle.manifest.num_exits - 1
+        return Result(int(self._probs.argmax()), self._probs.copy(), last, (self.precision,), latency_ms)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Float logits (N, num_classes) for a batch of uint8 images."""
+        check_images(images, self.bundle.manifest.input)
+        out = np.empty((len(images), len(self.bundle.manifest.classes)), np.float32)
+        for n, image in enumerate(images):
+            np.copyto(self.graph.input[0], self._lut[image, self._chan])
+            self.graph.invoke()
+            v = self._logits_view
+            out[n] = v if self._logits_qp is None else dequantize(v, self._logits_qp)
+        return out
+
