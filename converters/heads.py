@@ -5,9 +5,10 @@ convert cleanly to TFLite through ONNX → onnx2tf (AveragePool/MaxPool with fix
 Concat, Flatten); ``classifier`` is one ``nn.Linear`` that runs in float numpy on the device.
 
 - ``"linear"``: global average pool + Linear (the classic, weak early exit).
-- ``"pool"``: SDN-style feature reduction: average- *and* max-pool to a small fixed grid (4×4 by default), concatenated,
-  flattened, then Linear. Keeps coarse spatial layout and peak responses, which early feature maps need.
-  It is the default: on frozen ResNet-56 features it beats ``"linear"`` at every early exit (see train.py/README).
+- ``"pool"``: SDN-style feature reduction: average- *and* max-pool to a fixed 4×4 grid, concatenated, flattened, then
+  Linear (2·C·16 inputs). Keeps coarse spatial layout and peak responses, which early feature maps need. Default:
+  on frozen pretrained ResNet-56 (``exits="every:3"``, JPEG CIFAR-10 test set) its 8 trained exits reach
+  62/66/67/72/74/76/81/84 % against 38/41/44/53/56/59/72/82 % for ``"linear"`` (2×2 grid: 48/49/54/64/67/69/79/84 %).
 
 Both heads' ``features`` are parameter-free, so ``converters.train.train_heads`` can run the backbone once and cache
 ``features(h)`` (a few hundred to a few thousand floats per image) instead of whole feature maps.

@@ -1,8 +1,8 @@
 """MobileNetV2 (Sandler et al. 2018) for 32×32 inputs, as a multi-exit model. No pretrained weights.
 
 CIFAR variant: the stem conv has stride 1 and the second stage (24 channels) keeps stride 1, so the feature maps are
-32→32→16→8→4 instead of ImageNet's 224→7. The 17 inverted-residual blocks are the "units": ``exits="stages"`` puts an
-exit after each resolution (32, 16, 8, 4 px), ``exits="every:K"`` after every K units. The stem goes into block 0;
+32→32→16→8→4 instead of ImageNet's 224→7. The 17 inverted-residual blocks are the "units": ``exits="stages"`` puts
+an exit after each resolution (32, 16, 8, 4 px), ``exits="every:K"`` after every K units. The stem goes into block 0;
 the final 1×1 conv (to 1280 channels) goes into the last block, whose head is global average pool + Linear.
 
 ``act="relu6"`` (default, as in the paper) or ``"relu"``: ReLU6 clips activations at 6, which fixes int8 ranges to

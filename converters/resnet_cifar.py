@@ -152,7 +152,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise ConversionError(f"{path}: expected a dict with 'state_dict' (akamaster format), got {type(ckpt).__name__}")
+        got = type(ckpt).__name__
+        raise ConversionError(f"{path}: expected a dict with 'state_dict' (akamaster format), got {got}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

@@ -113,7 +113,8 @@ class _AkamasterResNet20(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         cin = 16
         for s, planes in enumerate((16, 32, 64), 1):
-            blocks = [_AkamasterBlock(cin if i == 0 else planes, planes, 2 if s > 1 and i == 0 else 1) for i in range(3)]
+            strides = [2 if s > 1 and i == 0 else 1 for i in range(3)]
+            blocks = [_AkamasterBlock(cin if i == 0 else planes, planes, st) for i, st in enumerate(strides)]
             setattr(self, f"layer{s}", nn.Sequential(*blocks))
             cin = planes
         self.linear = nn.Linear(64, 10)
@@ -178,7 +179,8 @@ def test_checkpoint_round_trip(tmp_path, model_name: str) -> None:
 
 def _frozen_state(model) -> dict:  # type: ignore[no-untyped-def]
     last = model.num_exits - 1
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("heads.") or k.startswith(f"heads.{last}.")}
+    sd = model.state_dict()
+    return {k: v.clone() for k, v in sd.items() if not k.startswith("heads.") or k.startswith(f"heads.{last}.")}
 
 
 @pytest.mark.parametrize("max_cache_bytes", [1 << 30, 0])  # cached, then streaming
@@ -187,6 +189,9 @@ def test_train_heads_lowers_loss_and_freezes_backbone(max_cache_bytes: int) -> N
     model = create_model("resnet20", exits="stages")
     x, y = _images(96), np.random.default_rng(1).integers(0, 10, 96)
     before = _frozen_state(model)
+    xt, yt = model.normalize(torch.from_numpy(x)), torch.from_numpy(y)
+    with torch.no_grad():
+        ce_before = [nn.functional.cross_entropy(lg, yt).item() for lg in model(xt)]
     calls = []
     metrics = train_heads(
         model, x, y, epochs=4, lr=1e-2, batch_size=32, max_cache_bytes=max_cache_bytes,
@@ -195,6 +200,9 @@ def test_train_heads_lowers_loss_and_freezes_backbone(max_cache_bytes: int) -> N
     assert metrics["exits"] == [0, 1] and metrics["cached"] == bool(max_cache_bytes)
     first, last = metrics["loss_history"][0], metrics["loss_history"][-1]
     assert all(b < a for a, b in zip(first, last))
+    with torch.no_grad():  # the heads as stored (standardisation folded back in) are the ones that learned
+        ce_after = [nn.functional.cross_entropy(lg, yt).item() for lg in model(xt)]
+    assert ce_after[0] < ce_before[0] and ce_after[1] < ce_before[1] and ce_after[2] == pytest.approx(ce_before[2])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in model.parameters())
     assert calls[-1][0] == calls[-1][1]
