@@ -10,6 +10,7 @@ import torch
 from edgequee.backend import Graph
 from edgequee.bundle import BlockParity, Bundle, ChainedParity
 from edgequee.quant import dequantize, quantize
+from edgequee.policies import ThresholdPolicy
 from edgequee.runtime import EdgeRunner
 
 from .multiexit import MultiExitModel
@@ -102,7 +103,7 @@ def chained_parity(
     num_threads: int = 1,
 ) -> list[ChainedParity]:
     """All blocks at one precision from the image, through the real runtime: agreement (and accuracy) per exit."""
-    runner = EdgeRunner(bundle, num_threads=num_threads)
+    runner = EdgeRunner(bundle, ThresholdPolicy(precisions[0]), num_threads=num_threads)
     ref = torch_logits.argmax(2)
     out = []
     for p in precisions:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import Bundle
-from .errors import InternalError
+from .errors import DataError, InternalError
 from .policies import ThresholdPolicy
 from .runtime import EdgeRunner, WholeModelRunner
 
@@ -82,8 +82,10 @@ def bench_bundle(
     """Run the benchmark; returns the JSON-ready report (see module docstring)."""
     m = bundle.manifest
     precisions = list(precisions or m.precisions)
+    if latency_samples < 1:
+        raise DataError(f"latency_samples must be >= 1, got {latency_samples}")
     lat_x = images[:latency_samples]
-    runner = EdgeRunner(bundle, num_threads=num_threads)
+    runner = EdgeRunner(bundle, ThresholdPolicy(precisions[0]), num_threads=num_threads)
     steps = len(precisions) * (1 + len(thresholds)) + len(m.whole_model)
     done = 0
 

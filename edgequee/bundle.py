@@ -284,6 +284,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a bundle must be readable by the device's service user
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=_json_default)
             f.write("\n")
@@ -291,6 +292,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(o: Any) -> Any:
@@ -355,6 +362,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         data = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e}); the bundle is corrupt, re-convert or re-flash it") from e
+    if not isinstance(data, dict):
+        raise BundleError(f"{mpath}: expected a JSON object, got {type(data).__name__}; re-convert or re-flash it")
     manifest = Manifest.from_json(data)
     if verify:
         checks = [(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)]
@@ -386,7 +395,12 @@ def write_bundle(staging: Path, manifest: Manifest, dest: Path, overwrite: bool 
             raise BundleError(f"{dest} exists; pass --force to replace it")
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
-    os.replace(staging, dest)
+    try:
+        os.replace(staging, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)  # put the previous bundle back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     bundle.path = dest
@@ -397,7 +411,9 @@ def staging_dir(dest: Path) -> Path:
     """A fresh temporary directory beside ``dest`` (same filesystem, so the final rename is atomic)."""
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700
+    return path
 
 
 def save_heads(path: Path, heads: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:

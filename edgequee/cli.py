@@ -203,7 +203,7 @@ def profile(bundle: str, device: str, threads: int, no_xnnpack: bool, min_time: 
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Test data: .npz, image folder or torchvision:NAME.")
 @click.option("--n-images", default=None, type=int, help="Use only the first N test images.")
-@click.option("--latency-samples", default=500, show_default=True, help="Images timed in the runtime loop per policy.")
+@click.option("--latency-samples", default=500, show_default=True, type=click.IntRange(min=1), help="Images timed in the runtime loop per policy.")
 @click.option("--precisions", default=None, callback=lambda c, p, v: _precisions(v) if v else None)
 @click.option("--thresholds", default=None, help="Comma-separated max-softmax thresholds (inf = no early exit).")
 @threads_option

@@ -21,10 +21,8 @@ def read_inputs(inputs: Sequence[str], spec: InputSpec) -> Iterator[tuple[str, n
     for item in inputs:
         path = Path(item)
         if path.suffix == ".npz":
-            with np.load(path) as z:
-                key = "x_test" if "x_test" in z else z.files[0]
-                for i, img in enumerate(z[key]):
-                    yield f"{path.name}[{i}]", _fit(img, spec, f"{path}[{i}]")
+            for i, img in enumerate(_npz_images(path)):
+                yield f"{path.name}[{i}]", _fit(img, spec, f"{path}[{i}]")
         elif path.is_dir():
             for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES):
                 yield str(f), _read_image(f, spec)
@@ -32,6 +30,17 @@ def read_inputs(inputs: Sequence[str], spec: InputSpec) -> Iterator[tuple[str, n
             yield str(path), _read_image(path, spec)
         else:
             raise DataError(f"{item}: no such file or folder (give image files, folders or .npz)")
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = "x_test" if "x_test" in z else z.files[0]
+            return z[key]
+    except (OSError, ValueError, IndexError) as e:
+        raise DataError(f"{path}: cannot read images from this .npz ({e})") from e
 
 
 def _read_image(path: Path, spec: InputSpec) -> np.ndarray:

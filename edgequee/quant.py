@@ -6,7 +6,7 @@ import numpy as np
 
 from .bundle import QuantParams
 
-__all__ = ["quantize", "dequantize", "requantize", "copy_boundary", "fold_dequantize_into_linear"]
+__all__ = ["quantize", "dequantize", "requantize", "same_params", "copy_boundary", "fold_dequantize_into_linear"]
 
 _INT8_MIN, _INT8_MAX = -128, 127
 
@@ -46,7 +46,7 @@ def copy_boundary(src: np.ndarray, src_qp: QuantParams | None, dst: np.ndarray, 
     The int8 tensor passes through unchanged when both sides share quantization parameters (the common case:
     both were calibrated on the same activations); otherwise it is requantized, quantized or dequantized.
     """
-    if src_qp == dst_qp:
+    if same_params(src_qp, dst_qp):
         np.copyto(dst, src)
     elif src_qp is not None and dst_qp is not None:
         requantize(src, src_qp, dst_qp, out=dst)
@@ -54,6 +54,14 @@ def copy_boundary(src: np.ndarray, src_qp: QuantParams | None, dst: np.ndarray, 
         quantize(src, dst_qp, out=dst)
     else:
         dequantize(src, src_qp, out=dst)  # type: ignore[arg-type]
+
+
+def same_params(a: QuantParams | None, b: QuantParams | None) -> bool:
+    """Equal for passing an int8 tensor through unchanged: same zero point, scales within float32 rounding
+    (two graphs calibrated on the same activations can differ by one ulp)."""
+    if a is None or b is None:
+        return a is b
+    return a.zero_point == b.zero_point and abs(a.scale - b.scale) <= 1e-6 * max(a.scale, b.scale)
 
 
 def fold_dequantize_into_linear(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._lazy import require
 from .bundle import Bundle
 
 __all__ = ["table", "inspect_text", "profile_table", "bench_table", "quickstart_text", "plot_bench"]
@@ -114,8 +115,7 @@ def quickstart_text(report: dict[str, Any]) -> str:
 
 def plot_bench(report: dict[str, Any], path: Path) -> None:
     """Accuracy vs mean measured latency, one curve per precision, whole models as stars."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="host")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import Graph
-from .bundle import Bundle, QuantParams, load_bundle
+from .bundle import Bundle, InputSpec, QuantParams, load_bundle
 from .errors import BundleError, DataError
 from .policies import EXIT, ExitState, Policy, ThresholdPolicy
 from .preprocess import check_images, make_lut
@@ -53,12 +53,24 @@ def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
     out /= out.sum()
 
 
+def _check_one(image: np.ndarray, spec: InputSpec) -> None:
+    check_images(image, spec)
+    if image.ndim != 3:
+        raise DataError(f"classify takes one image (H, W, C), got {image.shape}; loop over a batch")
+
+
+def _check_batch(images: np.ndarray, spec: InputSpec) -> None:
+    check_images(images, spec)
+    if images.ndim != 4:
+        raise DataError(f"expected a batch (N, H, W, C), got {images.shape}; use images[None] for one image")
+
+
 def _as_bundle(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
 
 
 class EdgeRunner:
-    """Runs a bundle's blocks in order under a policy (default: every block at fp32, no early exit).
+    """Runs a bundle's blocks in order under a policy (default: every block at the bundle's first precision, no exit).
 
     Interpreters, input lookup tables, folded heads and output buffers are built once; ``classify`` allocates
     only its result.
@@ -82,8 +94,8 @@ class EdgeRunner:
         n_classes = len(self.manifest.classes)
         self._logits = np.empty(n_classes, np.float32)
         self._probs = np.empty(n_classes, np.float32)
-        self.policy: Policy = ThresholdPolicy()
-        self.set_policy(policy or ThresholdPolicy())
+        self.policy: Policy = policy or ThresholdPolicy(self.manifest.precisions[0])
+        self.set_policy(self.policy)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policy; graphs for its precisions are loaded now, not on the first frame."""
@@ -124,9 +136,7 @@ class EdgeRunner:
     def classify(self, image: np.ndarray) -> Result:
         """Classify one uint8 RGB image (H, W, C) under the current policy."""
         if image.shape != self._stages[0, self.policy.start()].input.shape[1:] or image.dtype != np.uint8:
-            check_images(image, self.manifest.input)
-            if image.ndim != 3:
-                raise DataError(f"classify takes one image (H, W, C), got {image.shape}; loop over a batch")
+            _check_one(image, self.manifest.input)
         t0 = time.perf_counter()
         policy = self.policy
         last = self.manifest.num_exits - 1
@@ -161,7 +171,7 @@ class EdgeRunner:
 
         Returns float32 (N, num_exits, num_classes). Used for parity checks, traces and benchmarks.
         """
-        check_images(images, self.manifest.input)
+        _check_batch(images, self.manifest.input)
         if len(precisions) != self.manifest.num_exits:
             raise DataError(f"need one precision per block ({self.manifest.num_exits}), got {len(precisions)}")
         stages = [self._stage(i, p) for i, p in enumerate(precisions)]
@@ -207,7 +217,7 @@ class WholeModelRunner:
 
     def classify(self, image: np.ndarray) -> Result:
         if image.shape != self.graph.input.shape[1:] or image.dtype != np.uint8:
-            check_images(image, self.bundle.manifest.input)
+            _check_one(image, self.bundle.manifest.input)
         t0 = time.perf_counter()
         np.copyto(self.graph.input[0], self._lut[image, self._chan])
         self.graph.invoke()
@@ -222,7 +232,7 @@ class WholeModelRunner:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Float logits (N, num_classes) for a batch of uint8 images."""
-        check_images(images, self.bundle.manifest.input)
+        _check_batch(images, self.bundle.manifest.input)
         out = np.empty((len(images), len(self.bundle.manifest.classes)), np.float32)
         for n, image in enumerate(images):
             np.copyto(self.graph.input[0], self._lut[image, self._chan])

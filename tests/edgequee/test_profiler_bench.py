@@ -1,0 +1,102 @@
+"""Latency measurement, device profiles and the accuracy–latency benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgequee.bench import bench_bundle, exits_for_threshold
+from edgequee.bundle import load_bundle
+from edgequee.profiler import PROFILE_FORMAT, measure_latency, profile_bundle
+
+
+def test_measure_latency_trivial_callable() -> None:
+    calls = []
+    stats = measure_latency(lambda: calls.append(1), warmup_s=0.01, min_time_s=0.05, max_time_s=1.0)
+    assert stats.source == "measured"
+    assert stats.n >= 3 and stats.rounds >= 1 and len(calls) > stats.n  # warm-up calls are not counted
+    assert 0 <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms < 5.0
+
+
+def test_measure_latency_reports_milliseconds() -> None:
+    stats = measure_latency(lambda: time.sleep(0.002), warmup_s=0.01, min_time_s=0.1, max_time_s=0.5, rel_tol=1.0)
+    assert 2.0 <= stats.p50_ms < 20.0 and 2.0 <= stats.mean_ms < 20.0
+    assert stats.stable and stats.rounds >= 3  # rel_tol=1.0: stable once three rounds exist
+
+
+def test_measure_latency_stops_at_max_time() -> None:
+    t0 = time.perf_counter()
+    stats = measure_latency(lambda: None, warmup_s=0.0, min_time_s=10.0, max_time_s=0.3)
+    assert time.perf_counter() - t0 < 2.0 and stats.rounds <= 5
+
+
+def test_exits_for_threshold() -> None:
+    max_probs = np.array([[0.9, 0.95, 0.99], [0.3, 0.85, 0.9], [0.2, 0.3, 0.4], [0.1, 0.2, 0.95]])
+    assert exits_for_threshold(max_probs, 0.8).tolist() == [0, 1, 2, 2]  # the last exit is always taken
+    assert exits_for_threshold(max_probs, 0.0).tolist() == [0, 0, 0, 0]
+    assert exits_for_threshold(max_probs, math.inf).tolist() == [2, 2, 2, 2]
+
+
+@pytest.mark.slow
+def test_profile_bundle_writes_measured_profile(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    seen = []
+    profile = profile_bundle(bundle, "host", min_time_s=0.01, precisions=("int8",),
+                             progress=lambda done, total, what: seen.append((done, total)))
+    on_disk = json.loads((bundle_copy / "profiles" / "host.json").read_text())
+    assert on_disk == json.loads(json.dumps(profile))
+    assert profile["format"] == PROFILE_FORMAT and profile["device"] == "host"
+    assert profile["energy"]["source"] == "not measured"
+    m = bundle.manifest
+    assert [(b["block"], b["precision"]) for b in profile["blocks"]] == [(i, "int8") for i in range(m.num_exits)]
+    assert set(profile["whole_model"]) == set(m.whole_model)
+    stats = [b["latency_ms"] for b in profile["blocks"]] + [w["latency_ms"] for w in profile["whole_model"].values()]
+    for s in stats:
+        assert s["source"] == "measured" and 0 < s["p50_ms"] <= s["p99_ms"] and s["n"] > 0
+    assert [b["macs"] for b in profile["blocks"]] == [b.macs for b in m.blocks]
+    assert seen[-1] == (len(stats), len(stats))
+    load_bundle(bundle_copy)  # profiles are not part of the verified content
+
+
+@pytest.mark.slow
+def test_bench_bundle_report(converted, sample) -> None:
+    bundle = load_bundle(converted.path)
+    n, thresholds = 30, (0.0, 0.5, math.inf)
+    report = bench_bundle(bundle, sample.x_test[:n], sample.y_test[:n], thresholds=thresholds, latency_samples=4)
+    json.dumps(report)  # JSON-ready
+    assert report["n_images"] == n and report["latency_samples"] == 4
+    num_exits = bundle.manifest.num_exits
+    for p in ("fp32", "int8"):
+        whole = report["whole_model"][p]
+        assert 0 <= whole["accuracy"] <= 1 and whole["latency_ms"] > 0
+        assert report["split_overhead"][p] > 0
+    assert len(report["policies"]) == 3 * len(thresholds)
+    for pol in report["policies"]:
+        assert pol["name"] == "threshold" and pol["precision"] in ("fp32", "fp16", "int8")
+        assert 0 <= pol["accuracy"] <= 1 and pol["mean_latency_ms"] > 0
+        assert len(pol["exit_histogram"]) == num_exits and sum(pol["exit_histogram"]) == n
+        if pol["threshold"] == 0.0:
+            assert pol["exit_histogram"][0] == n
+        if pol["threshold"] is None:  # inf: no early exit, the last exit's accuracy
+            assert pol["exit_histogram"][-1] == n
+            assert pol["accuracy"] == report["exit_accuracy"][pol["precision"]][-1]
+    assert {pol["threshold"] for pol in report["policies"]} == {0.0, 0.5, None}
+
+
+@pytest.mark.slow
+def test_bench_bundle_without_fp32_blocks(bundle_copy: Path, sample) -> None:
+    """A bundle converted without fp32 blocks (edgequee convert --precisions fp16,int8) can be benchmarked."""
+    path = bundle_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    for block in data["blocks"]:
+        del block["artifacts"]["fp32"]
+    path.write_text(json.dumps(data))
+    bundle = load_bundle(bundle_copy)
+    assert bundle.manifest.precisions == ("fp16", "int8")
+    report = bench_bundle(bundle, sample.x_test[:10], sample.y_test[:10], thresholds=(math.inf,), latency_samples=2)
+    assert [p["precision"] for p in report["policies"]] == ["fp16", "int8"]
