@@ -31,7 +31,7 @@ from edgequee.bundle import (
 )
 from edgequee.errors import ConversionError
 
-from .export import BlockGraph, WholeGraph, export_tflite, read_artifact
+from .export import BlockGraph, WholeGraph, export_tflite, nhwc, read_artifacts, to_saved_model
 from .multiexit import MultiExitModel
 from .parity import chained_parity, isolated_parity, torch_exit_logits
 
@@ -104,6 +104,8 @@ def convert_model(
         raise ConversionError("no precisions to convert; pass some of fp32, fp16, int8")
     if calib_images.dtype != np.uint8 or calib_images.ndim != 4:
         raise ConversionError(f"calibration images must be uint8 NHWC, got {calib_images.dtype} {calib_images.shape}")
+    if len(calib_images) == 0 and ("int8" in precisions or "int8" in whole_precisions):
+        raise ConversionError("int8 needs calibration data: pass --calib DATA with real images")
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise ConversionError(f"{dest} exists; pass --force to replace it")
@@ -119,45 +121,37 @@ def convert_model(
             work = Path(tmp)
             x_cal = model.normalize(torch.from_numpy(calib_images))
             sample01 = calib_images[:20].astype(np.float32) / 255.0
-            blocks: list[BlockEntry] = []
+            saved, calib, roles, meta = {}, {}, {}, []
             h = x_cal
             for i, (block, head) in enumerate(zip(model.blocks, model.heads)):
+                key = f"block{i:02d}"
                 last = i == len(model.blocks) - 1
                 graph = BlockGraph(block, head.features, last).eval()
-                files = export_tflite(
-                    graph, h[:1], h.numpy(), precisions, work, f"block{i:02d}", stage / "blocks", sample01 if i == 0 else None
-                )
-                outs = graph(h[:1])
-                hid, feat = (None, outs) if last else outs
-                expected = {"features": _nhwc_shape(feat)}
-                if hid is not None:
-                    expected["hidden"] = _nhwc_shape(hid)
+                saved[key] = to_saved_model(graph, h[:1], work, key, sample01 if i == 0 else None)
+                calib[key] = nhwc(h)
+                roles[key] = graph.output_names
+                h_next = block(h)
                 macs, params = count_macs(nn.Sequential(block, head), h[:1])
-                blocks.append(
-                    BlockEntry(
-                        index=i,
-                        name=f"block{i:02d}",
-                        macs=macs,
-                        params=params,
-                        input_shape=_nhwc_shape(h),
-                        hidden_shape=expected.get("hidden"),
-                        num_features=int(feat.shape[1]),
-                        artifacts={p: read_artifact(f, stage, p, expected) for p, f in files.items()},
-                    )
-                )
-                h = block(h)
+                feat = head.features(h_next[:1])
+                meta.append((key, macs, params, _nhwc_shape(h), None if last else _nhwc_shape(h_next), feat.shape[1]))
+                h = h_next
                 if progress:
-                    progress(i + 1, n_graphs, f"converted block {i}")
+                    progress(i + 1, n_graphs, f"exported block {i}")
+            files = export_tflite(saved, calib, precisions, work, stage / "blocks" / "blocks")
+            arts = {p: read_artifacts(f, stage, p, roles) for p, f in files.items()}
+            blocks = [
+                BlockEntry(index=i, name=key, macs=macs, params=params, input_shape=ishape, hidden_shape=hshape,
+                           num_features=int(nfeat), artifacts={p: arts[p][key] for p in precisions})
+                for i, (key, macs, params, ishape, hshape, nfeat) in enumerate(meta)
+            ]
             timings["blocks_s"] = time.perf_counter() - t_start
             whole = {}
             if whole_precisions:
                 t0 = time.perf_counter()
                 wg = WholeGraph(list(model.blocks), model.heads[-1]).eval()
-                files = export_tflite(
-                    wg, x_cal[:1], x_cal.numpy(), whole_precisions, work, "whole", stage / "whole", sample01
-                )
-                n_classes = len(model.classes)
-                whole = {p: read_artifact(f, stage, p, {"logits": (1, n_classes)}) for p, f in files.items()}
+                wsaved = {"whole": to_saved_model(wg, x_cal[:1], work, "whole", sample01)}
+                files = export_tflite(wsaved, {"whole": nhwc(x_cal)}, whole_precisions, work, stage / "whole" / "whole")
+                whole = {p: read_artifacts(f, stage, p, {"whole": ["logits"]})["whole"] for p, f in files.items()}
                 timings["whole_s"] = time.perf_counter() - t0
                 if progress:
                     progress(n_graphs, n_graphs, "converted whole model")

@@ -13,16 +13,12 @@ from edgequee.quant import dequantize, quantize
 from edgequee.policies import ThresholdPolicy
 from edgequee.runtime import EdgeRunner
 
+from .export import nhwc
 from .multiexit import MultiExitModel
 
 __all__ = ["isolated_parity", "chained_parity", "torch_exit_logits"]
 
 Progress = Callable[[int, int, str], None]
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    a = t.numpy()
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1) if a.ndim == 4 else a)
 
 
 def _run_graph(graph: Graph, x_nhwc: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
@@ -71,10 +67,10 @@ def isolated_parity(
             h_next = block(h)
             f_ref = head.features(h_next)
             top_ref = head.classifier(f_ref).argmax(1).numpy()
-            x = _nhwc(h)
+            x = nhwc(h)
             for p in precisions:
                 art = bundle.block_artifact(i, p)
-                graph = Graph(bundle.file(art), art, num_threads)
+                graph = Graph.open(bundle.file(art), art, num_threads)
                 hid, feats = _run_graph(graph, x)
                 w, b = heads[i]
                 top = (feats @ w.T + b).argmax(1)
@@ -83,7 +79,7 @@ def isolated_parity(
                         block=i,
                         precision=p,
                         exit_agreement=float((top == top_ref).mean()),
-                        hidden_max_abs_err=None if hid is None else float(np.abs(hid - _nhwc(h_next)).max()),
+                        hidden_max_abs_err=None if hid is None else float(np.abs(hid - nhwc(h_next)).max()),
                         features_max_abs_err=float(np.abs(feats - f_ref.numpy()).max()),
                     )
                 )

@@ -14,7 +14,7 @@ import numpy as np
 from .bundle import PrecisionArtifact, TensorSpec
 from .errors import BundleError, DeviceError
 
-__all__ = ["runtime_name", "make_interpreter", "Graph"]
+__all__ = ["runtime_name", "make_interpreter", "Graph", "InterpreterPool"]
 
 log = logging.getLogger(__name__)
 
@@ -68,39 +68,71 @@ def make_interpreter(path: Path, num_threads: int = 1, use_xnnpack: bool = True)
 
 
 class Graph:
-    """One .tflite graph (a block or the whole model at one precision), ready to run.
+    """One graph (a block, or the whole model, at one precision), ready to run.
 
     ``input`` and ``outputs[role]`` are numpy views straight into the interpreter's tensor arena: write the
     input in place, call ``invoke()``, read the outputs in place. They stay valid because the graph's shapes
     are static and tensors are allocated once. The public ``Interpreter.invoke`` refuses to run while such
     views exist (it guards against ``allocate_tensors`` freeing them), so ``invoke`` calls the wrapped C++
     interpreter directly; fetching fresh views per call instead costs ~1 µs each, per block, per sample.
+
+    Several Graphs may share one interpreter: a multi-signature file holds every block of one precision, one
+    subgraph each (see ``PrecisionArtifact``).
     """
 
-    def __init__(self, path: Path, artifact: PrecisionArtifact, num_threads: int = 1, use_xnnpack: bool = True):
+    def __init__(self, interpreter: Any, artifact: PrecisionArtifact, path: Path):
         self.artifact = artifact
-        self.interpreter = make_interpreter(path, num_threads, use_xnnpack)
-        ins = self.interpreter.get_input_details()
+        self.interpreter = interpreter
+        wrapped = getattr(interpreter, "_interpreter", None)
+        if not all(hasattr(wrapped, m) for m in ("Invoke", "tensor", "AllocateTensors")):
+            raise DeviceError(
+                f"this TFLite runtime ({runtime_name()}) lacks the interpreter wrapper edgequee uses for zero-copy "
+                "invokes; install ai-edge-litert: pip install 'edgequee[device]'"
+            )
+        if artifact.signature is None:
+            sub = 0
+            ins = interpreter.get_input_details()
+            outs = {d["name"]: d for d in interpreter.get_output_details()}
+        else:
+            try:
+                sub = wrapped.GetSubgraphIndexFromSignature(artifact.signature)
+            except ValueError:
+                raise BundleError(f"{path}: no signature {artifact.signature!r}; re-convert the bundle") from None
+            wrapped.AllocateTensors(sub)
+            runner = interpreter.get_signature_runner(artifact.signature)
+            ins = list(runner.get_input_details().values())
+            outs = runner.get_output_details()
         if len(ins) != 1:
             raise BundleError(f"{path}: expected one input tensor, found {len(ins)}; re-convert the bundle")
         _check(path, ins[0], artifact.input)
-        by_name = {d["name"]: d for d in self.interpreter.get_output_details()}
         self.outputs: dict[str, np.ndarray] = {}
         for role, spec in artifact.outputs.items():
-            if spec.name not in by_name:
+            if spec.name not in outs:
                 raise BundleError(f"{path}: no output named {spec.name!r} ({role}); re-convert the bundle")
-            _check(path, by_name[spec.name], spec)
-            self.outputs[role] = self.interpreter.tensor(by_name[spec.name]["index"])()
-        self.input: np.ndarray = self.interpreter.tensor(ins[0]["index"])()
-        wrapped = getattr(self.interpreter, "_interpreter", None)
-        self.invoke = wrapped.Invoke if hasattr(wrapped, "Invoke") else self._invoke_fallback
+            _check(path, outs[spec.name], spec)
+            self.outputs[role] = wrapped.tensor(interpreter, outs[spec.name]["index"], sub)
+        self.input: np.ndarray = wrapped.tensor(interpreter, ins[0]["index"], sub)
+        self.invoke = functools.partial(wrapped.Invoke, sub)
 
-    def _invoke_fallback(self) -> None:
-        # A runtime without the usual wrapper: give up the persistent views for the safe public API.
-        raise DeviceError(
-            f"this TFLite runtime ({runtime_name()}) lacks the interpreter wrapper edgequee uses for zero-copy "
-            "invokes; install ai-edge-litert: pip install 'edgequee[device]'"
-        )
+    @classmethod
+    def open(cls, path: Path, artifact: PrecisionArtifact, num_threads: int = 1, use_xnnpack: bool = True) -> "Graph":
+        """A Graph with an interpreter of its own (for one-off use: parity checks, conversion)."""
+        return cls(make_interpreter(path, num_threads, use_xnnpack), artifact, path)
+
+
+class InterpreterPool:
+    """One interpreter per .tflite file, shared by every Graph in it."""
+
+    def __init__(self, num_threads: int = 1, use_xnnpack: bool = True):
+        self.num_threads = num_threads
+        self.use_xnnpack = use_xnnpack
+        self._interpreters: dict[Path, Any] = {}
+
+    def graph(self, path: Path, artifact: PrecisionArtifact) -> Graph:
+        interp = self._interpreters.get(path)
+        if interp is None:
+            interp = self._interpreters[path] = make_interpreter(path, self.num_threads, self.use_xnnpack)
+        return Graph(interp, artifact, path)
 
 
 def _check(path: Path, detail: dict[str, Any], spec: TensorSpec) -> None:

@@ -88,8 +88,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class PrecisionArtifact:
-    """One .tflite file: a block (or the whole model) at one precision.
+    """A block (or the whole model) at one precision: a .tflite file and, in a multi-signature file, its signature.
 
+    All blocks of one precision live in one file, one signature (subgraph) each: one interpreter then runs every
+    block, so the blocks share XNNPACK's thread pool. With one interpreter per block, each block had to wake its
+    own pool's worker threads, which made a 2-thread split run slower than the whole model.
     ``outputs`` maps a role to its tensor: ``hidden`` (the next block's input; absent in the last block) and
     ``features`` (input of the exit head's float classifier) for blocks; ``logits`` for the whole model.
     """
@@ -100,6 +103,7 @@ class PrecisionArtifact:
     size_bytes: int
     input: TensorSpec
     outputs: Mapping[str, TensorSpec]
+    signature: str | None = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "PrecisionArtifact":
@@ -110,6 +114,7 @@ class PrecisionArtifact:
             d["size_bytes"],
             TensorSpec.from_json(d["input"]),
             {k: TensorSpec.from_json(v) for k, v in d["outputs"].items()},
+            d.get("signature"),
         )
 
 
@@ -366,8 +371,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: expected a JSON object, got {type(data).__name__}; re-convert or re-flash it")
     manifest = Manifest.from_json(data)
     if verify:
-        checks = [(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)]
-        for rel, expected in checks:
+        checks = dict([(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)])
+        for rel, expected in checks.items():
             f = path / rel
             if not f.is_file():
                 raise BundleError(f"{path}: {rel} is missing; re-convert the model or re-flash the bundle")

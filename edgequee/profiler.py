@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import Graph, runtime_name
+from .backend import InterpreterPool, runtime_name
 from .bundle import Bundle, write_json_atomic
 
 __all__ = ["LatencyStats", "measure_latency", "profile_bundle", "PROFILE_FORMAT"]
@@ -108,9 +108,10 @@ def profile_bundle(
     jobs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
     blocks, whole = [], {}
     rng = np.random.default_rng(0)
+    pool = InterpreterPool(num_threads, use_xnnpack)
     for k, (i, p) in enumerate(jobs):
         art = m.whole_model[p] if i < 0 else bundle.block_artifact(i, p)
-        g = Graph(bundle.file(art), art, num_threads, use_xnnpack)
+        g = pool.graph(bundle.file(art), art)
         g.input[...] = rng.integers(-100, 100, g.input.shape) if g.input.dtype == np.int8 else rng.random(g.input.shape)
         stats = asdict(measure_latency(g.invoke, min_time_s=min_time_s))
         if i < 0:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import Graph
+from .backend import Graph, InterpreterPool
 from .bundle import Bundle, InputSpec, QuantParams, load_bundle
 from .errors import BundleError, DataError
 from .policies import EXIT, ExitState, Policy, ThresholdPolicy
@@ -86,8 +86,7 @@ class EdgeRunner:
     ):
         self.bundle = _as_bundle(bundle)
         self.manifest = self.bundle.manifest
-        self.num_threads = num_threads
-        self.use_xnnpack = use_xnnpack
+        self._pool = InterpreterPool(num_threads, use_xnnpack)
         self._stages: dict[tuple[int, str], _Stage] = {}
         self._luts: dict[str, np.ndarray] = {}
         self._chan = np.arange(self.manifest.input.channels)
@@ -114,7 +113,7 @@ class EdgeRunner:
         stage = self._stages.get(key)
         if stage is None:
             art = self.bundle.block_artifact(block, precision)
-            g = Graph(self.bundle.file(art), art, self.num_threads, self.use_xnnpack)
+            g = self._pool.graph(self.bundle.file(art), art)
             w, b = self.bundle.heads()[block]
             a, c = fold_dequantize_into_linear(w, b, art.outputs["features"].quant)
             hidden = art.outputs.get("hidden")
@@ -206,7 +205,7 @@ class WholeModelRunner:
             have = ", ".join(self.bundle.manifest.whole_model) or "none"
             raise BundleError(f"no whole-model {precision} graph in this bundle (has {have})") from None
         self.precision = precision
-        self.graph = Graph(self.bundle.file(art), art, num_threads, use_xnnpack)
+        self.graph = Graph.open(self.bundle.file(art), art, num_threads, use_xnnpack)
         self._logits_view = self.graph.outputs["logits"][0]
         self._logits_qp = art.outputs["logits"].quant
         self._lut = make_lut(self.bundle.manifest.input, art.input.quant)

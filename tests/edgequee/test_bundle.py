@@ -250,10 +250,10 @@ def test_converted_bundle_loads_and_round_trips(converted) -> None:
 
 @pytest.mark.slow
 def test_converted_bundle_detects_flipped_byte(bundle_copy: Path) -> None:
-    target = bundle_copy / "blocks" / "block00_fp16.tflite"
+    target = bundle_copy / "blocks" / "blocks_fp16.tflite"
     _flip_byte(target)
-    with pytest.raises(BundleError, match=r"blocks/block00_fp16.tflite sha256 mismatch"):
+    with pytest.raises(BundleError, match=r"blocks/blocks_fp16.tflite sha256 mismatch"):
         load_bundle(bundle_copy)
     target.unlink()
-    with pytest.raises(BundleError, match=r"blocks/block00_fp16.tflite is missing"):
+    with pytest.raises(BundleError, match=r"blocks/blocks_fp16.tflite is missing"):
         load_bundle(bundle_copy)

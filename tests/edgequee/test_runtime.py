@@ -238,18 +238,19 @@ def test_graph_checks_the_manifest_against_the_file(bundle_copy) -> None:
     real = features["shape"]
     features["shape"] = [1, 99]
     path.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=rf"block01_fp16.tflite: tensor '.*' is float32\[1, {real[1]}\], manifest "
+    with pytest.raises(BundleError, match=rf"blocks_fp16.tflite: tensor '.*' is float32\[1, {real[1]}\], manifest "
                                           r"says float32\[1, 99\]; the bundle is inconsistent"):
         EdgeRunner(bundle_copy, ThresholdPolicy("fp16"))
     EdgeRunner(bundle_copy, ThresholdPolicy("int8"))  # other precisions still load
 
 
 def test_unloadable_graph_is_a_bundle_error(bundle_copy) -> None:
-    graph = bundle_copy / "blocks" / "block02_int8.tflite"
+    graph = bundle_copy / "blocks" / "blocks_int8.tflite"
     graph.write_bytes(b"TFL3 but not really a model")
     path = bundle_copy / "manifest.json"
     data = json.loads(path.read_text())
-    data["blocks"][2]["artifacts"]["int8"]["sha256"] = sha256_file(graph)
+    for block in data["blocks"]:
+        block["artifacts"]["int8"]["sha256"] = sha256_file(graph)
     path.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="block02_int8.tflite: the TFLite runtime cannot load this graph"):
+    with pytest.raises(BundleError, match="blocks_int8.tflite: the TFLite runtime cannot load this graph"):
         EdgeRunner(bundle_copy, ThresholdPolicy("int8"))
