@@ -126,7 +126,7 @@ def convert_model(
             for i, (block, head) in enumerate(zip(model.blocks, model.heads)):
                 key = f"block{i:02d}"
                 last = i == len(model.blocks) - 1
-                graph = BlockGraph(block, head.features, last).eval()
+                graph = BlockGraph(block, head, last).eval()
                 saved[key] = to_saved_model(graph, h[:1], work, key, sample01 if i == 0 else None)
                 calib[key] = nhwc(h)
                 roles[key] = graph.output_names

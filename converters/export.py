@@ -46,22 +46,24 @@ _SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 
 class BlockGraph(nn.Module):
-    """What one block's graph computes: hidden → (next hidden, exit features); the last block → features."""
+    """What one block's graph computes: hidden → (next hidden, exit features, exit logits); the last block has no
+    hidden output. Float runtimes read the in-graph logits; int8 ones apply the float classifier to the features."""
 
-    def __init__(self, block: nn.Module, head_features: nn.Module, last: bool):
+    def __init__(self, block: nn.Module, head: nn.Module, last: bool):
         super().__init__()
         self.block = block
-        self.head_features = head_features
+        self.head = head
         self.last = last
 
     def forward(self, x: torch.Tensor):  # type: ignore[no-untyped-def]
         h = self.block(x)
-        f = self.head_features(h)
-        return f if self.last else (h, f)
+        f = self.head.features(h)
+        logits = self.head.classifier(f)
+        return (f, logits) if self.last else (h, f, logits)
 
     @property
     def output_names(self) -> list[str]:
-        return ["features"] if self.last else ["hidden", "features"]
+        return ["features", "logits"] if self.last else ["hidden", "features", "logits"]
 
 
 class WholeGraph(nn.Module):

@@ -21,22 +21,21 @@ __all__ = ["isolated_parity", "chained_parity", "torch_exit_logits"]
 Progress = Callable[[int, int, str], None]
 
 
-def _run_graph(graph: Graph, x_nhwc: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """Feed every row of ``x_nhwc`` (float) through ``graph``; return dequantized (hidden, features)."""
+def _run_graph(graph: Graph, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
+    """Feed every row of ``x_nhwc`` (float) through ``graph``; return every output, dequantized, by role."""
     art = graph.artifact
     qin = art.input.quant
-    feats, hidden = [], []
+    out: dict[str, list[np.ndarray]] = {role: [] for role in graph.outputs}
     for row in x_nhwc:
         if qin is None:
             np.copyto(graph.input[0], row)
         else:
             quantize(row, qin, out=graph.input[0])
         graph.invoke()
-        for role, store in (("features", feats), ("hidden", hidden)):
-            if role in graph.outputs:
-                v, qp = graph.outputs[role][0], art.outputs[role].quant
-                store.append(dequantize(v, qp) if qp is not None else v.copy())
-    return (np.stack(hidden) if hidden else None), np.stack(feats)
+        for role, store in out.items():
+            v, qp = graph.outputs[role][0], art.outputs[role].quant
+            store.append(dequantize(v, qp) if qp is not None else v.copy())
+    return {role: np.stack(v) for role, v in out.items()}
 
 
 def torch_exit_logits(model: MultiExitModel, images_uint8: np.ndarray, batch: int = 250) -> np.ndarray:
@@ -57,7 +56,10 @@ def isolated_parity(
     num_threads: int = 1,
     progress: Progress | None = None,
 ) -> list[BlockParity]:
-    """Each block × precision fed the exact torch activations: exit top-1 agreement and max abs errors."""
+    """Each block × precision fed the exact torch activations: exit top-1 agreement and max abs errors.
+
+    The exit's logits are taken as the runtime takes them: from the graph, or (int8) the float classifier.
+    """
     heads = bundle.heads()
     results = []
     total, done = len(model.blocks) * len(precisions), 0
@@ -71,9 +73,10 @@ def isolated_parity(
             for p in precisions:
                 art = bundle.block_artifact(i, p)
                 graph = Graph.open(bundle.file(art), art, num_threads)
-                hid, feats = _run_graph(graph, x)
+                outs = _run_graph(graph, x)
+                hid, feats = outs.get("hidden"), outs["features"]
                 w, b = heads[i]
-                top = (feats @ w.T + b).argmax(1)
+                top = (feats @ w.T + b if art.float_head else outs["logits"]).argmax(1)
                 results.append(
                     BlockParity(
                         block=i,

@@ -15,18 +15,13 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import DataError, InternalError
-from .policies import ThresholdPolicy
+from .policies import ThresholdPolicy, max_softmax
 from .runtime import EdgeRunner, WholeModelRunner
 
 __all__ = ["DEFAULT_THRESHOLDS", "exits_for_threshold", "measure_split_overhead", "bench_bundle"]
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, math.inf)
 Progress = Callable[[int, int, str], None]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def exits_for_threshold(max_probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -106,8 +101,7 @@ def bench_bundle(
     macs = np.asarray(m.cumulative_macs(), np.float64)
     for p in precisions:
         logits = runner.all_exits(images, [p] * m.num_exits)
-        probs = _softmax(logits)
-        max_p, top = probs.max(-1), probs.argmax(-1)
+        max_p, top = max_softmax(logits), logits.argmax(-1)
         exit_accuracy[p] = [float(a) for a in (top == labels[:, None]).mean(0)]
         tick(f"exit traces {p}")
         for t in thresholds:

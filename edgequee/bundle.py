@@ -12,10 +12,11 @@ A bundle is a directory::
 Every file named by the manifest carries its sha256 and is verified by ``load_bundle``. Bundles are written
 into a temporary sibling directory and renamed into place, so a failed conversion never leaves half a bundle.
 
-Why the exit heads end in numpy: each block graph outputs the head's *features* (e.g. pooled activations)
-and the head's last Linear runs in float on the device (microseconds). Quantizing that last layer to int8
-rounds the logits to ~1/256 of their range, which flips the top-1 of low-margin exits (measured on
-ResNet-56: isolated int8 exit agreement 0.80 at the first exit with the Linear in int8).
+Why int8 exit heads end in numpy: each block graph outputs the exit's logits *and* the head's features (e.g.
+pooled activations). Float graphs' logits are used as they are; for int8 graphs the head's last Linear runs in
+float on the device (microseconds) on the dequantized features. Quantizing that last layer to int8 rounds the
+logits to ~1/256 of their range, which flips the top-1 of low-margin exits (measured on ResNet-56 with linear
+heads: isolated int8 exit agreement 0.80 at the first exit with the Linear in int8).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ class PrecisionArtifact:
     All blocks of one precision live in one file, one signature (subgraph) each: one interpreter then runs every
     block, so the blocks share XNNPACK's thread pool. With one interpreter per block, each block had to wake its
     own pool's worker threads, which made a 2-thread split run slower than the whole model.
-    ``outputs`` maps a role to its tensor: ``hidden`` (the next block's input; absent in the last block) and
-    ``features`` (input of the exit head's float classifier) for blocks; ``logits`` for the whole model.
+    ``outputs`` maps a role to its tensor: ``hidden`` (the next block's input; absent in the last block),
+    ``features`` (input of the exit head's float classifier) and ``logits`` for blocks; ``logits`` for the whole
+    model.
     """
 
     precision: str
@@ -104,6 +106,12 @@ class PrecisionArtifact:
     input: TensorSpec
     outputs: Mapping[str, TensorSpec]
     signature: str | None = None
+
+    @property
+    def float_head(self) -> bool:
+        """True when exit logits must come from the float classifier on the (quantized) features, not the graph."""
+        features = self.outputs.get("features")
+        return features is not None and features.quant is not None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "PrecisionArtifact":

@@ -13,7 +13,15 @@ from edgequee.policies import EXIT, ExitState, ThresholdPolicy, create_policy, l
 
 
 def _state(*probs: float, exit_index: int = 0) -> ExitState:
-    return ExitState(exit_index, np.asarray(probs, np.float32), ["fp32"])
+    with np.errstate(divide="ignore"):
+        logits = np.log(np.asarray(probs, np.float32))
+    return ExitState(exit_index, logits, ["fp32"])
+
+
+def test_exit_state_softmax() -> None:
+    state = _state(0.7, 0.2, 0.1)
+    np.testing.assert_allclose(state.probs(), [0.7, 0.2, 0.1], rtol=1e-6)
+    assert state.max_prob() == pytest.approx(0.7, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", list_policies())
@@ -54,7 +62,8 @@ def test_threshold_policy_decisions() -> None:
     assert isinstance(policy, ThresholdPolicy)
     assert policy.precisions == ("int8",) and policy.start() == "int8"
     assert policy.decide(_state(0.9, 0.1)) == EXIT
-    assert policy.decide(_state(0.8, 0.2)) == EXIT  # at the threshold: exit
+    assert policy.decide(_state(0.81, 0.19)) == EXIT
+    assert policy.decide(_state(0.79, 0.21)) == "int8"
     assert policy.decide(_state(0.6, 0.3, 0.1)) == "int8"
     assert policy.decide(_state(0.5, 0.5, exit_index=3)) == "int8"
 
