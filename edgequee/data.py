@@ -14,9 +14,9 @@ import numpy as np
 from ._lazy import require
 from .errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "save_npz"]
+__all__ = ["Dataset", "load_dataset", "save_npz", "read_image", "IMAGE_SUFFIXES"]
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "mnist": "MNIST"}
 
 
@@ -76,29 +76,34 @@ def _load_npz(path: Path) -> Dataset:
 
 
 def _load_folder(path: Path, image_size: tuple[int, int] | None) -> Dataset:
-    cv2 = require("cv2", extra="camera")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path}: no class sub-folders; lay images out as {path}/<class>/<image>.jpg")
     images, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((path / name).iterdir()):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES:
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is None:
-                raise DataError(f"{f}: cannot decode this image; remove or re-save it")
-            if image_size is not None and img.shape[:2] != tuple(image_size):
-                img = cv2.resize(img, (image_size[1], image_size[0]), interpolation=cv2.INTER_AREA)
-            images.append(img[:, :, ::-1])  # OpenCV decodes BGR
+            images.append(read_image(f, image_size))
             labels.append(label)
     if not images:
-        raise DataError(f"{path}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in its class folders")
+        raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     if len({im.shape for im in images}) > 1:
         raise DataError(f"{path}: images differ in size; pass an image size (e.g. --image-size 32x32) to resize them")
     x = np.ascontiguousarray(np.stack(images))
     y = np.asarray(labels, np.int64)
     return Dataset(x[:0], y[:0], x, y, tuple(classes))
+
+
+def read_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to uint8 H×W×3 RGB, resized (area interpolation) to ``size`` (H, W) if given."""
+    cv2 = require("cv2", extra="camera")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: cannot decode this image; remove or re-save it")
+    if size is not None and img.shape[:2] != tuple(size):
+        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img[:, :, ::-1])  # OpenCV decodes BGR
 
 
 def _load_torchvision(spec: str) -> Dataset:

@@ -9,11 +9,10 @@ import numpy as np
 
 from ._lazy import require
 from .bundle import InputSpec
+from .data import IMAGE_SUFFIXES, read_image
 from .errors import DataError
 
 __all__ = ["read_inputs"]
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 
 
 def read_inputs(inputs: Sequence[str], spec: InputSpec) -> Iterator[tuple[str, np.ndarray]]:
@@ -24,10 +23,10 @@ def read_inputs(inputs: Sequence[str], spec: InputSpec) -> Iterator[tuple[str, n
             for i, img in enumerate(_npz_images(path)):
                 yield f"{path.name}[{i}]", _fit(img, spec, f"{path}[{i}]")
         elif path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES):
-                yield str(f), _read_image(f, spec)
+            for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                yield str(f), read_image(f, (spec.height, spec.width))
         elif path.is_file():
-            yield str(path), _read_image(path, spec)
+            yield str(path), read_image(path, (spec.height, spec.width))
         else:
             raise DataError(f"{item}: no such file or folder (give image files, folders or .npz)")
 
@@ -41,14 +40,6 @@ def _npz_images(path: Path) -> np.ndarray:
             return z[key]
     except (OSError, ValueError, IndexError) as e:
         raise DataError(f"{path}: cannot read images from this .npz ({e})") from e
-
-
-def _read_image(path: Path, spec: InputSpec) -> np.ndarray:
-    cv2 = require("cv2", extra="camera")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"{path}: cannot decode this image")
-    return _fit(np.ascontiguousarray(img[:, :, ::-1]), spec, str(path))
 
 
 def _fit(img: np.ndarray, spec: InputSpec, name: str) -> np.ndarray:
