@@ -53,6 +53,7 @@ __all__ = [
     "write_bundle",
     "sha256_file",
     "write_json_atomic",
+    "json_default",
     "staging_dir",
     "save_heads",
 ]
@@ -299,7 +300,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a bundle must be readable by the device's service user
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=_json_default)
+            json.dump(data, f, indent=1, default=json_default)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -313,7 +314,8 @@ def _umask() -> int:
     return mask
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``default=`` for json.dump: numpy scalars and arrays as plain JSON."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

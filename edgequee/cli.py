@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
-import numpy as np
 
 from . import __version__
-from .bundle import PRECISIONS, load_bundle, write_json_atomic
+from .bundle import PRECISIONS, json_default, load_bundle, write_json_atomic
 from .errors import EdgequeeError
 from .report import bench_table, inspect_text, profile_table, quickstart_text
 
@@ -64,20 +63,12 @@ def _progress(label: str) -> Iterator[Callable[..., None]]:
 def _emit(report: dict[str, Any], text: str, json_out: str | None) -> None:
     """Print ``text`` (or the JSON itself with --json -), and write JSON to --json FILE."""
     if json_out == "-":
-        click.echo(json.dumps(report, indent=1, default=_jsonable))
+        click.echo(json.dumps(report, indent=1, default=json_default))
         return
     click.echo(text)
     if json_out:
         write_json_atomic(Path(json_out), report)
         click.echo(f"wrote {json_out}", err=True)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
 
 
 def _precisions(value: str) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from .bundle import InputSpec, QuantParams
 from .errors import DataError
 from .quant import quantize
 
-__all__ = ["normalize", "make_lut", "check_images"]
+__all__ = ["normalize", "make_lut", "InputTable", "check_images"]
 
 
 def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -26,6 +26,18 @@ def make_lut(spec: InputSpec, qp: QuantParams | None) -> np.ndarray:
     v = np.arange(256, dtype=np.float32)[:, None] * np.float32(spec.scale)
     x = (v - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return quantize(x, qp) if qp is not None else x.astype(np.float32)
+
+
+class InputTable:
+    """``make_lut`` for one graph input, applied to a frame straight into the graph's input buffer."""
+
+    def __init__(self, spec: InputSpec, qp: QuantParams | None):
+        self.table = make_lut(spec, qp)
+        self._channels = np.arange(spec.channels)
+
+    def fill(self, dst: np.ndarray, image: np.ndarray) -> None:
+        """dst[...] = preprocessed ``image`` (uint8 H×W×C)."""
+        np.copyto(dst, self.table[image, self._channels])
 
 
 def check_images(images: np.ndarray, spec: InputSpec) -> None:

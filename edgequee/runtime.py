@@ -17,7 +17,7 @@ from .backend import Graph, InterpreterPool
 from .bundle import Bundle, InputSpec, QuantParams, load_bundle
 from .errors import BundleError, DataError
 from .policies import EXIT, ExitState, Policy, ThresholdPolicy, softmax
-from .preprocess import check_images, make_lut
+from .preprocess import InputTable, check_images
 from .quant import copy_boundary, dequantize, fold_dequantize_into_linear, same_params
 
 __all__ = ["Result", "EdgeRunner", "WholeModelRunner"]
@@ -109,8 +109,7 @@ class EdgeRunner:
         self.manifest = self.bundle.manifest
         self._pool = InterpreterPool(num_threads, use_xnnpack)
         self._stages: dict[tuple[int, str], _Stage] = {}
-        self._luts: dict[str, np.ndarray] = {}
-        self._chan = np.arange(self.manifest.input.channels)
+        self._luts: dict[str, InputTable] = {}
         self.policy: Policy = policy or ThresholdPolicy(self.manifest.precisions[0])
         self.set_policy(self.policy)
 
@@ -160,7 +159,7 @@ class EdgeRunner:
             )
             self._stages[key] = stage
             if block == 0:
-                self._luts[precision] = make_lut(self.manifest.input, art.input.quant)
+                self._luts[precision] = InputTable(self.manifest.input, art.input.quant)
         return stage
 
     def classify(self, image: np.ndarray) -> Result:
@@ -172,7 +171,7 @@ class EdgeRunner:
         last = self.manifest.num_exits - 1
         precision = policy.start()
         stage = self._stages[0, precision]
-        np.copyto(stage.input[0], self._luts[precision][image, self._chan])
+        self._luts[precision].fill(stage.input[0], image)
         path = [precision]
         state = ExitState(0, stage.logits, path)
         stages = self._stages
@@ -210,7 +209,7 @@ class EdgeRunner:
         lut = self._luts[precisions[0]]
         out = np.empty((len(images), len(stages), len(self.manifest.classes)), np.float32)
         for n, image in enumerate(images):
-            np.copyto(stages[0].input[0], lut[image, self._chan])
+            lut.fill(stages[0].input[0], image)
             for i, stage in enumerate(stages):
                 stage.invoke()
                 stage.head()
@@ -241,15 +240,14 @@ class WholeModelRunner:
         self.graph = Graph.open(self.bundle.file(art), art, num_threads, use_xnnpack)
         self._logits_view = self.graph.outputs["logits"][0]
         self._logits_qp = art.outputs["logits"].quant
-        self._lut = make_lut(self.bundle.manifest.input, art.input.quant)
-        self._chan = np.arange(self.bundle.manifest.input.channels)
+        self._lut = InputTable(self.bundle.manifest.input, art.input.quant)
         self._logits = np.empty(len(self.bundle.manifest.classes), np.float32)
 
     def classify(self, image: np.ndarray) -> Result:
         if image.shape != self.graph.input.shape[1:] or image.dtype != np.uint8:
             _check_one(image, self.bundle.manifest.input)
         t0 = time.perf_counter()
-        np.copyto(self.graph.input[0], self._lut[image, self._chan])
+        self._lut.fill(self.graph.input[0], image)
         self.graph.invoke()
         if self._logits_qp is None:
             np.copyto(self._logits, self._logits_view)
@@ -265,7 +263,7 @@ class WholeModelRunner:
         _check_batch(images, self.bundle.manifest.input)
         out = np.empty((len(images), len(self.bundle.manifest.classes)), np.float32)
         for n, image in enumerate(images):
-            np.copyto(self.graph.input[0], self._lut[image, self._chan])
+            self._lut.fill(self.graph.input[0], image)
             self.graph.invoke()
             v = self._logits_view
             out[n] = v if self._logits_qp is None else dequantize(v, self._logits_qp)
