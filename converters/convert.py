@@ -13,7 +13,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,19 +25,21 @@ from edgequee.bundle import (
     Bundle,
     Manifest,
     ParityReport,
+    PrecisionArtifact,
     save_heads,
     staging_dir,
     write_bundle,
 )
 from edgequee.errors import ConversionError
+from edgequee.progress import Progress
 
+from .edgetpu import export_edgetpu_blocks
 from .export import BlockGraph, WholeGraph, export_tflite, nhwc, read_artifacts, to_saved_model
 from .multiexit import MultiExitModel
 from .parity import chained_parity, isolated_parity, torch_exit_logits
 
 __all__ = ["convert_model", "count_macs", "FP32_MIN_AGREEMENT"]
 
-Progress = Callable[[int, int, str], None]
 
 # fp32 graphs must reproduce torch; anything below this isolated exit agreement is a conversion bug.
 FP32_MIN_AGREEMENT = 0.999
@@ -90,6 +92,7 @@ def convert_model(
     precisions: Sequence[str] = PRECISIONS,
     whole_precisions: Sequence[str] = ("fp32", "int8"),
     overwrite: bool = False,
+    edgetpu: bool = False,
     num_threads: int = 1,
     progress: Progress | None = None,
 ) -> Bundle:
@@ -98,6 +101,7 @@ def convert_model(
     Args:
         calib_images: uint8 NHWC RGB images; int8 graphs are calibrated on the activations they produce.
         parity_images / parity_labels: uint8 images (and labels) for the parity report; defaults to calib_images.
+        edgetpu: also write one full-int8 model per block for a Coral and co-compile them (converters/edgetpu.py).
     """
     precisions = [p for p in PRECISIONS if p in precisions]
     if not precisions:
@@ -139,9 +143,16 @@ def convert_model(
                     progress(i + 1, n_graphs, f"exported block {i}")
             files = export_tflite(saved, calib, precisions, work, stage / "blocks" / "blocks")
             arts = {p: read_artifacts(f, stage, p, roles) for p, f in files.items()}
+            tpu: dict[str, PrecisionArtifact] = {}
+            tpu_report: dict[str, object] = {}
+            if edgetpu:
+                t0 = time.perf_counter()
+                tpu, tpu_report = export_edgetpu_blocks(saved, calib, roles, work, stage)
+                timings["edgetpu_s"] = time.perf_counter() - t0
             blocks = [
                 BlockEntry(index=i, name=key, macs=macs, params=params, input_shape=ishape, hidden_shape=hshape,
-                           num_features=int(nfeat), artifacts={p: arts[p][key] for p in precisions})
+                           num_features=int(nfeat), artifacts={p: arts[p][key] for p in precisions},
+                           edgetpu=tpu.get(key))
                 for i, (key, macs, params, ishape, hshape, nfeat) in enumerate(meta)
             ]
             timings["blocks_s"] = time.perf_counter() - t_start
@@ -189,6 +200,8 @@ def convert_model(
             "host": f"{platform.machine()} {platform.system()} python {platform.python_version()}",
             "model_config": model.config,
         }
+        if edgetpu:
+            conversion["edgetpu"] = tpu_report
         manifest = dataclasses.replace(manifest, parity=parity, conversion=conversion)
         return write_bundle(stage, manifest, dest, overwrite=overwrite)
     except BaseException:

@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from edgequee.bundle import Bundle
+from edgequee.bundle import Bundle, write_policy
 from edgequee.data import load_dataset
 from edgequee.errors import ConversionError, DataError
+from edgequee.policies import to_stored
 
 from ._registry import create_model, is_model, list_models
 from .convert import convert_model
+from .jei import exit_costs, jei_policy, train_jei
 from .multiexit import MultiExitModel, load_checkpoint, save_checkpoint
 from .train import evaluate, finetune_joint, train_heads
 
@@ -51,6 +53,14 @@ class TrainJob:
     lr: float | None = None
     n_train: int | None = None
     seed: int = 0
+    method: str = "heads"  # heads | jei (JEI-DNN gates and heads on the frozen backbone: converters/jei.py)
+    cost_from: str | None = None  # jei: a bundle of the same backbone whose cost model prices the exits
+    device: str | None = None  # jei: the device of that cost model
+    objective: str = "latency"
+    precision: str = "fp32"  # jei: the precision the policy will run at
+    lam: float = 0.5
+    jei_loss: str = "weighted"
+    jei_epochs: int = 10
 
 
 def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -62,7 +72,19 @@ def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, A
     is_ckpt = Path(job.model).is_file()
     model = load_model(job.model, None if is_ckpt else job.pretrained, job.exits, None if is_ckpt else job.head)
     report: dict[str, Any] = {"job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job).items()}}
-    if job.head_epochs > 0:
+    extra: dict[str, Any] = {}
+    if job.method == "jei":
+        if job.finetune_epochs or not job.cost_from or not job.device:
+            raise DataError("--method jei needs --cost-from BUNDLE --device NAME and keeps the backbone frozen "
+                            "(no --finetune-epochs)")
+        cost = exit_costs(model, job.cost_from, job.device, precision=job.precision, objective=job.objective)
+        report["jei"] = train_jei(model, data.x_train, data.y_train, cost, lam=job.lam, loss=job.jei_loss,
+                                  warmup_epochs=job.head_epochs, epochs=job.jei_epochs, lr=job.lr or 1e-4,
+                                  seed=job.seed, progress=progress)
+        extra["jei"] = report["jei"]["policy"]
+    elif job.method != "heads":
+        raise DataError(f"--method {job.method!r}: choose heads or jei")
+    elif job.head_epochs > 0:
         report["heads"] = train_heads(model, data.x_train, data.y_train, epochs=job.head_epochs,
                                       lr=job.lr or 1e-3, seed=job.seed, progress=progress)
     if job.finetune_epochs > 0:
@@ -72,7 +94,7 @@ def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, A
         report["test_exit_accuracy"] = evaluate(model, data.x_test, data.y_test)
     report["seconds"] = time.perf_counter() - t0
     report["command"] = shlex.join(["edgequee"] + sys.argv[1:]) if Path(sys.argv[0]).name == "edgequee" else None
-    save_checkpoint(model, job.out, extra={"train": report})
+    save_checkpoint(model, job.out, extra={"train": report, **extra})
     return report
 
 
@@ -87,13 +109,20 @@ def convert_job(
     pretrained: str | None = None,
     exits: str = "stages",
     overwrite: bool = False,
+    edgetpu: bool = False,
     num_threads: int = 1,
     progress: Progress | None = None,
 ) -> Bundle:
     """Calibrate int8 on the first ``n_calib`` training images (test images when there is no train split) and
-    check parity on the first ``n_parity`` test images."""
+    check parity on the first ``n_parity`` test images. A checkpoint with JEI gates (``edgequee train --method
+    jei``) also gets its ``jei`` policy stored in the bundle (uncertified: ``edgequee calibrate`` certifies it)."""
+    jei = jei_policy(model) if isinstance(model, str) else None
+    if jei is not None and jei.precision not in precisions:
+        raise ConversionError(f"{model} holds JEI gates for {jei.precision}: add it to --precisions")
     net = model if isinstance(model, MultiExitModel) else load_model(model, pretrained, exits)
     ds = load_dataset(data, (net.input_spec.height, net.input_spec.width))
     calib = ds.x_train[:n_calib] if len(ds.x_train) else ds.x_test[:n_calib]
-    return convert_model(net, out, calib, parity_images=ds.x_test[:n_parity], parity_labels=ds.y_test[:n_parity],
-                         precisions=precisions, overwrite=overwrite, num_threads=num_threads, progress=progress)
+    bundle = convert_model(net, out, calib, parity_images=ds.x_test[:n_parity], parity_labels=ds.y_test[:n_parity],
+                           precisions=precisions, overwrite=overwrite, edgetpu=edgetpu, num_threads=num_threads,
+                           progress=progress)
+    return bundle if jei is None else write_policy(bundle, to_stored(jei))

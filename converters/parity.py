@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,13 +12,12 @@ from edgequee.bundle import BlockParity, Bundle, ChainedParity
 from edgequee.quant import dequantize, quantize
 from edgequee.policies import ThresholdPolicy
 from edgequee.runtime import EdgeRunner
+from edgequee.progress import Progress
 
 from .export import nhwc
 from .multiexit import MultiExitModel
 
 __all__ = ["isolated_parity", "chained_parity", "torch_exit_logits"]
-
-Progress = Callable[[int, int, str], None]
 
 
 def _run_graph(graph: Graph, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,7 +18,7 @@ import numpy as np
 from .bundle import PrecisionArtifact, TensorSpec
 from .errors import BundleError, DeviceError
 
-__all__ = ["runtime_name", "make_interpreter", "Graph", "InterpreterPool"]
+__all__ = ["runtime_name", "make_interpreter", "probe_edgetpu", "edgetpu_delegate", "Graph", "InterpreterPool"]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +57,77 @@ def runtime_name() -> str:
         return pip_name
 
 
-def make_interpreter(path: Path, num_threads: int = 1, use_xnnpack: bool = True) -> Any:
-    """An allocated interpreter for ``path``; XNNPACK (the default delegate) unless ``use_xnnpack`` is False."""
+def make_interpreter(path: Path, num_threads: int = 1, use_xnnpack: bool = True, delegates: list[Any] | None = None) -> Any:
+    """An allocated interpreter for ``path``; XNNPACK (the default delegate) unless ``use_xnnpack`` is False.
+
+    ``delegates`` (e.g. ``[edgetpu_delegate()]``) are applied first; ops they do not take run on the CPU.
+    """
     mod, _ = _runtime()
     kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": int(num_threads)}
     if not use_xnnpack:
         kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    if delegates:
+        kwargs["experimental_delegates"] = delegates
     try:
         interp = mod.Interpreter(**kwargs)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         raise BundleError(f"{path}: the TFLite runtime cannot load this graph ({e}); re-convert the bundle") from e
     return interp
+
+
+# ------------------------------------------------------------------------------------------ Edge TPU
+# libedgetpu is built against one TFLite version; loaded into another runtime it can segfault the process
+# (google-coral/edgetpu#812). So the delegate is first loaded in a throw-away subprocess, and only loaded here
+# when that succeeded.
+EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+_PROBE = """
+import importlib, os, sys
+module, attr, library, device = sys.argv[1:5]
+mod = importlib.import_module(module)
+mod = getattr(mod, attr) if attr else mod
+load = getattr(mod, "load_delegate", None) or mod.experimental.load_delegate
+try:
+    load(library, {"device": device} if device else {})
+except Exception as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    os._exit(3)  # skip the half-made delegate's __del__ noise
+"""
+
+
+def _edgetpu_library() -> str:
+    return EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
+
+
+@functools.lru_cache(maxsize=None)
+def probe_edgetpu(device: str = "") -> str | None:
+    """None when the Edge TPU delegate loads (tried in a subprocess), else why it does not, as one line."""
+    _runtime()
+    module, attr, _ = next(r for r in _RUNTIMES if importlib.util.find_spec(r[0].split(".")[0]) is not None)
+    lib = _edgetpu_library()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, module, attr or "", lib, device],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not probe {lib} ({e})"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return (f"loading {lib} crashed the probe (signal {-proc.returncode}): a libedgetpu built for another TFLite "
+                f"runtime version; install a matched libedgetpu/runtime pair (see device_profiles/coral-usb-rpi4.json)")
+    first = (proc.stderr.strip().splitlines() or ["no error message"])[0 if proc.returncode == 3 else -1]
+    return (f"{lib} did not load ({first[:200]}); install the Edge TPU runtime (libedgetpu1-std) and plug in the "
+            f"Coral{f' at {device}' if device else ''}")
+
+
+def edgetpu_delegate(device: str = "") -> Any:
+    """The Edge TPU delegate (``device`` like "usb:0"; empty = the first one), after a successful probe."""
+    why = probe_edgetpu(device)
+    if why is not None:
+        raise DeviceError(f"Edge TPU unavailable: {why}")
+    mod, _ = _runtime()
+    load = getattr(mod, "load_delegate", None) or mod.experimental.load_delegate
+    return load(_edgetpu_library(), {"device": device} if device else {})
 
 
 class Graph:
@@ -123,15 +186,17 @@ class Graph:
 class InterpreterPool:
     """One interpreter per .tflite file, shared by every Graph in it."""
 
-    def __init__(self, num_threads: int = 1, use_xnnpack: bool = True):
+    def __init__(self, num_threads: int = 1, use_xnnpack: bool = True, delegates: list[Any] | None = None):
         self.num_threads = num_threads
         self.use_xnnpack = use_xnnpack
+        self.delegates = delegates
         self._interpreters: dict[Path, Any] = {}
 
     def graph(self, path: Path, artifact: PrecisionArtifact) -> Graph:
         interp = self._interpreters.get(path)
         if interp is None:
-            interp = self._interpreters[path] = make_interpreter(path, self.num_threads, self.use_xnnpack)
+            interp = make_interpreter(path, self.num_threads, self.use_xnnpack, self.delegates)
+            self._interpreters[path] = interp
         return Graph(interp, artifact, path)
 
 

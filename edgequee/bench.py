@@ -15,13 +15,13 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import DataError, InternalError
-from .policies import ThresholdPolicy, max_softmax
+from .policies import Policy, ThresholdPolicy, max_softmax
+from .progress import Progress, Ticker
 from .runtime import EdgeRunner, WholeModelRunner
 
 __all__ = ["DEFAULT_THRESHOLDS", "exits_for_threshold", "measure_split_overhead", "bench_bundle"]
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, math.inf)
-Progress = Callable[[int, int, str], None]
 
 
 def exits_for_threshold(max_probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -73,22 +73,19 @@ def bench_bundle(
     num_threads: int = 1,
     latency_samples: int = 500,
     progress: Progress | None = None,
+    policy: Policy | None = None,
 ) -> dict:  # type: ignore[type-arg]
-    """Run the benchmark; returns the JSON-ready report (see module docstring)."""
+    """Run the benchmark; returns the JSON-ready report (see module docstring).
+
+    ``policy`` (e.g. the bundle's stored, calibrated one) adds a row measured in the runtime loop on every image.
+    """
     m = bundle.manifest
     precisions = list(precisions or m.precisions)
     if latency_samples < 1:
         raise DataError(f"latency_samples must be >= 1, got {latency_samples}")
     lat_x = images[:latency_samples]
     runner = EdgeRunner(bundle, ThresholdPolicy(precisions[0]), num_threads=num_threads)
-    steps = len(precisions) * (1 + len(thresholds)) + len(m.whole_model)
-    done = 0
-
-    def tick(label: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, steps, label)
+    tick = Ticker(len(precisions) * (1 + len(thresholds)) + len(m.whole_model) + (policy is not None), progress)
 
     whole = {}
     for p in m.whole_model:
@@ -126,6 +123,9 @@ def bench_bundle(
             tick(f"{p} threshold {t}")
         if p in whole:
             split_overhead[p] = measure_split_overhead(bundle, lat_x, p, num_threads, rounds=3)["ratio"]
+    if policy is not None:
+        policies.append(_policy_row(bundle, policy, images, labels, lat_x, num_threads, macs))
+        tick(f"{policy.name} (stored)")
     return {
         "model": m.model,
         "n_images": int(len(images)),
@@ -135,4 +135,25 @@ def bench_bundle(
         "whole_model": whole,
         "policies": policies,
         "split_overhead": split_overhead,
+    }
+
+
+def _policy_row(bundle: Bundle, policy: Policy, images: np.ndarray, labels: np.ndarray, lat_x: np.ndarray,
+                num_threads: int, macs: np.ndarray) -> dict:  # type: ignore[type-arg]
+    """One policy run through the runtime loop on every image (no traces needed, so any policy works)."""
+    runner = EdgeRunner(bundle, policy, num_threads=num_threads)
+    lat, _ = _mean_latency_ms(runner.classify, lat_x)
+    results = [runner.classify(im) for im in images]
+    ex = np.array([r.exit_index for r in results])
+    knob = getattr(policy, "knob", None)
+    value = getattr(policy, knob) if knob else None
+    return {
+        "name": f"{policy.name} (stored)",
+        "precision": "/".join(policy.precisions),
+        "threshold": None if value is None or math.isinf(value) else value,
+        "accuracy": float((np.array([r.class_id for r in results]) == labels).mean()),
+        "mean_latency_ms": lat,
+        "mean_macs": float(macs[ex].mean()),
+        "exit_histogram": np.bincount(ex, minlength=bundle.manifest.num_exits).tolist(),
+        "certified": runner.certificate is not None,
     }

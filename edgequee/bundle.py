@@ -5,9 +5,11 @@ A bundle is a directory::
     BUNDLE/
       manifest.json          # Manifest below, format_version-checked
       heads.npz              # float classifier (W_i, b_i) of every exit head
-      blocks/block03_int8.tflite ...
+      blocks/blocks_int8.tflite ...  # every block at one precision, one signature per block
       whole/whole_fp32.tflite ...  # the unsplit model, as a baseline
+      edgetpu/block03_int8[_edgetpu].tflite ...  # optional: one full-int8 model per block for a Coral
       profiles/<device>.json # written on the device by `edgequee profile` (not hashed)
+      policy/policy-<sha12>.json, policy/arrays-<sha12>.npz  # the stored gate (optional; see write_policy)
 
 Every file named by the manifest carries its sha256 and is verified by ``load_bundle``. Bundles are written
 into a temporary sibling directory and renamed into place, so a failed conversion never leaves half a bundle.
@@ -56,6 +58,11 @@ __all__ = [
     "json_default",
     "staging_dir",
     "save_heads",
+    "POLICY_DIR",
+    "PolicyEntry",
+    "Certificate",
+    "StoredPolicy",
+    "write_policy",
 ]
 
 FORMAT_VERSION = 1
@@ -63,6 +70,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 Precision = Literal["fp32", "fp16", "int8"]
 MANIFEST = "manifest.json"
 HEADS = "heads.npz"
+POLICY_DIR = "policy"
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,7 @@ class BlockEntry:
     hidden_shape: tuple[int, ...] | None
     num_features: int
     artifacts: Mapping[str, PrecisionArtifact]
+    edgetpu: PrecisionArtifact | None = None  # the block alone, full int8, for the Coral (convert --edgetpu)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "BlockEntry":
@@ -151,6 +160,7 @@ class BlockEntry:
             tuple(d["hidden_shape"]) if d["hidden_shape"] is not None else None,
             d["num_features"],
             {k: PrecisionArtifact.from_json(v) for k, v in d["artifacts"].items()},
+            PrecisionArtifact.from_json(d["edgetpu"]) if d.get("edgetpu") else None,
         )
 
 
@@ -227,6 +237,74 @@ class ParityReport:
 
 
 @dataclass(frozen=True)
+class PolicyEntry:
+    """Where the stored gate lives: its spec JSON and optional learned arrays (.npz), content-addressed, hashed."""
+
+    file: str
+    sha256: str
+    arrays_file: str | None = None
+    arrays_sha256: str | None = None
+
+    def files(self) -> dict[str, str]:
+        """Bundle-relative path → sha256 of every file of the stored policy."""
+        out = {self.file: self.sha256}
+        if self.arrays_file is not None and self.arrays_sha256 is not None:
+            out[self.arrays_file] = self.arrays_sha256
+        return out
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What risk control proved about a stored policy on its calibration data (written by edgequee calibrate)."""
+
+    risk: str  # gap | consistency
+    on: str  # predictions | distributions
+    epsilon: float
+    delta: float | None  # None where the guarantee is in expectation (crc) or absent (naive)
+    method: str  # naive | crc | ucb-hb | ucb-wsr | ltt
+    guarantee: str
+    n_cal: int
+    knob: str
+    knob_value: Any  # the chosen value, as stored in the policy's params
+    empirical_risk: float
+    bound: float | None  # the tested statistic at the chosen knob (adjusted risk, UCB or p-value)
+    expected_saving: float  # 1 − mean cost ÷ the full model's, on the calibration data
+    cost: str  # what the saving is measured in
+    feasible: bool  # False: no knob passed and the safest setting was kept
+    data_fingerprint: str
+    created: str
+    edgequee_version: str
+
+
+@dataclass(frozen=True)
+class StoredPolicy:
+    """A gate as stored in a bundle: registered policy name, constructor params, learned arrays, calibration."""
+
+    name: str
+    params: Mapping[str, Any]
+    knob: str | None = None  # the scalar parameter risk control tunes, if any
+    calibration: Mapping[str, Any] | None = None  # data_fingerprint, n_cal, device, objective, ...
+    certificate: Certificate | None = None
+    arrays: Mapping[str, np.ndarray] | None = field(default=None, compare=False)  # stored beside, not in the JSON
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec file's content (arrays excluded)."""
+        return {
+            "name": self.name,
+            "params": dict(self.params),
+            "knob": self.knob,
+            "calibration": dict(self.calibration) if self.calibration is not None else None,
+            "certificate": dataclasses.asdict(self.certificate) if self.certificate is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> "StoredPolicy":
+        cert = d.get("certificate")
+        return cls(d["name"], dict(d["params"]), d.get("knob"), d.get("calibration"),
+                   Certificate(**cert) if cert else None, arrays)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the device needs to know about a bundle (manifest.json)."""
 
@@ -239,6 +317,7 @@ class Manifest:
     parity: ParityReport | None = None
     conversion: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    policy: PolicyEntry | None = None  # the stored gate (absent until edgequee calibrate writes one)
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -279,6 +358,7 @@ class Manifest:
                 parity=ParityReport.from_json(d["parity"]) if d.get("parity") else None,
                 conversion=d.get("conversion", {}),
                 format_version=version,
+                policy=PolicyEntry(**d["policy"]) if d.get("policy") else None,
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest.json is malformed ({type(e).__name__}: {e}); re-convert the model") from e
@@ -358,12 +438,31 @@ class Bundle:
     def profiles_dir(self) -> Path:
         return self.path / "profiles"
 
+    def policy(self) -> StoredPolicy | None:
+        """The stored gate (spec, certificate, learned arrays), or None when the bundle has none."""
+        entry = self.manifest.policy
+        if entry is None:
+            return None
+        fix = "re-run edgequee calibrate on this bundle or re-flash it"
+        try:
+            spec = json.loads((self.path / entry.file).read_text())
+            arrays = None
+            if entry.arrays_file is not None:
+                with np.load(self.path / entry.arrays_file, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            return StoredPolicy.from_json(spec, arrays)
+        except FileNotFoundError as e:
+            raise BundleError(f"{self.path}: stored policy file {e.filename} is missing; {fix}") from e
+        except (ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
+            raise BundleError(f"{self.path}: stored policy {entry.file} is unreadable ({e}); {fix}") from e
+
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.manifest.model!r}, blocks={self.manifest.num_exits})"
 
 
 def _artifacts(manifest: Manifest) -> list[PrecisionArtifact]:
     arts = [a for b in manifest.blocks for a in b.artifacts.values()]
+    arts += [b.edgetpu for b in manifest.blocks if b.edgetpu is not None]
     return arts + list(manifest.whole_model.values())
 
 
@@ -382,15 +481,19 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     manifest = Manifest.from_json(data)
     if verify:
         checks = dict([(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)])
+        if manifest.policy is not None:
+            checks.update(manifest.policy.files())
         for rel, expected in checks.items():
             f = path / rel
+            fix = ("re-run edgequee calibrate on the bundle or re-flash it" if rel.startswith(f"{POLICY_DIR}/")
+                   else "re-convert the model or re-flash the bundle")
             if not f.is_file():
-                raise BundleError(f"{path}: {rel} is missing; re-convert the model or re-flash the bundle")
+                raise BundleError(f"{path}: {rel} is missing; {fix}")
             got = sha256_file(f)
             if got != expected:
                 raise BundleError(
                     f"{path}: {rel} sha256 mismatch (manifest {expected[:8]}, file {got[:8]}); "
-                    "the file is corrupt: re-convert or re-flash the bundle"
+                    f"the file is corrupt: {fix}"
                 )
     return Bundle(path, manifest)
 
@@ -439,3 +542,49 @@ def save_heads(path: Path, heads: Sequence[tuple[np.ndarray, np.ndarray]]) -> st
         arrays[f"b{i}"] = np.asarray(b, np.float32)
     np.savez(path, **arrays)
     return sha256_file(path)
+
+
+def write_policy(bundle: Bundle, policy: StoredPolicy) -> Bundle:
+    """Store ``policy`` in ``bundle`` (replacing any previous one) and return the reloaded bundle.
+
+    Crash-safe: the new files are written under content-addressed names first (policy/policy-<sha12>.json,
+    policy/arrays-<sha12>.npz), then manifest.json is replaced atomically, and only then are the superseded files
+    (and leftovers of interrupted writes) deleted. A crash at any point leaves a bundle that loads and verifies.
+    """
+    root = Path(bundle.path)
+    pdir = root / POLICY_DIR
+    pdir.mkdir(exist_ok=True)
+    entry_arrays: tuple[str | None, str | None] = (None, None)
+    if policy.arrays:
+        arrays = {k: np.asarray(v) for k, v in policy.arrays.items()}
+        entry_arrays = _publish(pdir, "arrays", ".npz", lambda f: np.savez(f, **arrays))
+    spec = (json.dumps(policy.to_json(), indent=1, sort_keys=True, default=json_default) + "\n").encode()
+    file, sha = _publish(pdir, "policy", ".json", lambda f: f.write(spec))
+    entry = PolicyEntry(file, sha, *entry_arrays)
+    data = json.loads((root / MANIFEST).read_text())
+    data["policy"] = dataclasses.asdict(entry)
+    Manifest.from_json(data)  # never publish a manifest this edgequee cannot read back
+    write_json_atomic(root / MANIFEST, data)
+    keep = {Path(f).name for f in entry.files()}
+    for f in pdir.iterdir():
+        if f.name not in keep and f.is_file():
+            f.unlink()
+    return load_bundle(root)
+
+
+def _publish(folder: Path, stem: str, suffix: str, write: Any) -> tuple[str, str]:
+    """Write a file through ``write(fileobj)`` under a temporary name, then rename it to <stem>-<sha12><suffix>."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = sha256_file(Path(tmp))
+        name = f"{stem}-{sha[:12]}{suffix}"
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return f"{POLICY_DIR}/{name}", sha

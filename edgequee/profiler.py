@@ -1,29 +1,40 @@
 """Latency of every block × precision of a bundle on this machine → BUNDLE/profiles/<device>.json.
 
 Each graph is timed alone (invoke only, inputs resident): warm-up, then rounds of back-to-back invokes until
-a minimum time has passed and the median of the last rounds is stable. Energy is not measured here yet: every
-profile says so explicitly ("energy": {"source": "not measured"}).
+a minimum time has passed and the median of the last rounds is stable. Around the invokes it measures what the
+cost model (edgequee/cost.py) needs too: the runtime's per-block gap between invokes and the float <-> int8
+hand-overs at block boundaries. Health (CPU temperature, Raspberry Pi throttling flags) is recorded before and
+after, with a warning when the device throttled.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import resource
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from .backend import InterpreterPool, runtime_name
+from .backend import InterpreterPool, edgetpu_delegate, runtime_name
 from .bundle import Bundle, write_json_atomic
+from .errors import DeviceError
+from .meters import energy_per_inference, now
+from .policies import ThresholdPolicy
+from .progress import Progress, Ticker
+from .runtime import EdgeRunner
+from .sysinfo import cpu_temperature_c, machine_info, peak_rss_mb, read_throttled
 
-__all__ = ["LatencyStats", "measure_latency", "profile_bundle", "PROFILE_FORMAT"]
+if TYPE_CHECKING:
+    from .backend import Graph
+    from .meters import Meter
+
+__all__ = ["LatencyStats", "time_calls", "measure_latency", "profile_bundle", "throttle_warning", "PROFILE_FORMAT"]
 
 PROFILE_FORMAT = "edgequee-profile/1"
-Progress = Callable[[int, int, str], None]
+DELEGATES = ("xnnpack", "none", "edgetpu")
 
 
 @dataclass(frozen=True)
@@ -38,18 +49,23 @@ class LatencyStats:
     source: str = "measured"
 
 
-def measure_latency(
+    @classmethod
+    def of(cls, seconds: list[float], rounds: int, stable: bool) -> "LatencyStats":
+        a = np.asarray(seconds) * 1e3
+        return cls(p50_ms=float(np.percentile(a, 50)), p90_ms=float(np.percentile(a, 90)),
+                   p99_ms=float(np.percentile(a, 99)), mean_ms=float(a.mean()), n=len(a), rounds=rounds, stable=stable)
+
+
+def time_calls(
     fn: Callable[[], object],
     warmup_s: float = 0.2,
     min_time_s: float = 1.0,
     max_time_s: float = 10.0,
     rel_tol: float = 0.02,
-) -> LatencyStats:
-    """Time ``fn`` until at least ``min_time_s`` has passed and the running median moves by < ``rel_tol``.
-
-    Single calls are timed one by one (so p90/p99 are real per-call tails); the median is re-checked after
-    each round of ~0.1 s, and the loop stops once the last three round medians agree within ``rel_tol``.
-    """
+) -> tuple[list[float], int, bool]:
+    """Time single calls of ``fn`` (seconds each) until at least ``min_time_s`` has passed and the running median
+    is stable: re-checked after each round of ~0.1 s, stable once the last three round medians agree within
+    ``rel_tol``. Returns (per-call seconds, rounds, stable)."""
     t_end = time.perf_counter() + warmup_s
     while time.perf_counter() < t_end:
         fn()
@@ -73,22 +89,88 @@ def measure_latency(
             stable = (max(last) - min(last)) <= rel_tol * min(last)
         if (elapsed >= min_time_s and stable) or elapsed >= max_time_s:
             break
-    a = np.asarray(samples) * 1e3
-    return LatencyStats(
-        p50_ms=float(np.percentile(a, 50)),
-        p90_ms=float(np.percentile(a, 90)),
-        p99_ms=float(np.percentile(a, 99)),
-        mean_ms=float(a.mean()),
-        n=len(a),
-        rounds=len(medians),
-        stable=stable,
-    )
+    return samples, len(medians), stable
 
 
-def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if platform.system() == "Darwin" else r / 1024
+def measure_latency(fn: Callable[[], object], **kwargs: float) -> LatencyStats:
+    """``time_calls`` summarised: p50/p90/p99 of single calls are real per-call figures."""
+    return LatencyStats.of(*time_calls(fn, **kwargs))
+
+
+def _fill_random(g: "Graph", rng: np.random.Generator) -> None:
+    g.input[...] = rng.integers(-100, 100, g.input.shape) if g.input.dtype == np.int8 else rng.random(g.input.shape)
+
+
+class _Graphs:
+    """Where each graph runs: the CPU pool, or for int8 blocks under ``--delegate edgetpu`` the Edge TPU."""
+
+    def __init__(self, bundle: Bundle, num_threads: int, delegate: str):
+        self.bundle = bundle
+        self.cpu = InterpreterPool(num_threads, use_xnnpack=delegate != "none")
+        self.tpu = None
+        if delegate == "edgetpu":
+            if any(b.edgetpu is None for b in bundle.manifest.blocks):
+                raise DeviceError(f"{bundle.path} has no Edge TPU models; convert with edgequee convert --edgetpu")
+            self.tpu = InterpreterPool(1, use_xnnpack=False, delegates=[edgetpu_delegate()])
+
+    def renew_cpu(self) -> None:
+        """Fresh CPU interpreters: a block's speed depends a few % on where its arena lands in memory (cache
+        aliasing), so each pass measures another placement and the profile describes the block, not one
+        allocation. (The Edge TPU pool is kept: creating its delegate takes seconds on a Pi.)"""
+        self.cpu = InterpreterPool(self.cpu.num_threads, self.cpu.use_xnnpack)
+
+    def __call__(self, i: int, precision: str) -> "Graph":
+        """Block ``i`` (or the whole model for i < 0) at ``precision``, on shared interpreters."""
+        m = self.bundle.manifest
+        if i >= 0 and precision == "int8" and self.tpu is not None:
+            art = m.blocks[i].edgetpu
+            assert art is not None
+            return self.tpu.graph(self.bundle.file(art), art)
+        art = m.whole_model[precision] if i < 0 else self.bundle.block_artifact(i, precision)
+        return self.cpu.graph(self.bundle.file(art), art)
+
+
+def _measure_energy(meter: "Meter", graphs: list[tuple["Graph", dict[str, Any]]], energy_s: float, idle_s: float,
+                    tick: Callable[[str], None]) -> dict[str, Any]:
+    """Idle power, then each graph back to back for ``energy_s`` under one recording; fills entry["energy"]."""
+    idle = meter.measure_idle(idle_s)
+    tick("idle power")
+    windows = []
+    meter.start()
+    try:
+        for g, _ in graphs:
+            windows.append(_run_for(g.invoke, energy_s))
+            tick("energy")
+    finally:
+        trace = meter.stop()
+    for (_, entry), (t0, t1, n) in zip(graphs, windows):
+        entry["energy"] = _energy_mj(energy_per_inference(trace, t0, t1, n, idle["idle_w"]))
+    return {"source": idle["source"], "meter": idle["meter"], "kind": idle["kind"], "idle": idle,
+            "method": f"idle {idle_s:g} s (interpreters allocated), then each graph back to back for {energy_s:g} s "
+                      "under one recording; net = (integral of P dt - P_idle * T) / N"}
+
+
+def _run_for(fn: Callable[[], object], seconds: float) -> tuple[float, float, int]:
+    """Call ``fn`` back to back for ``seconds``: (wall-clock start, end, calls) for an energy window."""
+    n, t0 = 0, now()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        n += 1
+    return t0, now(), n
+
+
+def _energy_mj(e: dict[str, Any]) -> dict[str, Any]:
+    """energy_per_inference's result with the per-inference figures in millijoules."""
+    out = {k: v for k, v in e.items() if not k.endswith("_j_per_inference")}
+    out["gross_mj_per_inference"] = e["gross_j_per_inference"] * 1e3
+    net = e["net_j_per_inference"]
+    out["net_mj_per_inference"] = None if net is None else net * 1e3
+    return out
+
+
+def _health() -> dict[str, Any]:
+    return {"cpu_temperature_c": cpu_temperature_c(), "throttled": read_throttled()}
 
 
 def profile_bundle(
@@ -96,57 +178,135 @@ def profile_bundle(
     device: str = "host",
     *,
     num_threads: int = 1,
-    use_xnnpack: bool = True,
+    delegate: str = "xnnpack",
     min_time_s: float = 1.0,
+    passes: int = 3,
     precisions: tuple[str, ...] | None = None,
+    transitions: bool = True,
+    meter: "Meter | None" = None,
+    energy_s: float = 5.0,
+    idle_s: float = 10.0,
     progress: Progress | None = None,
     write: bool = True,
-) -> dict:  # type: ignore[type-arg]
-    """Measure every block (and whole-model graph) at every precision; write profiles/<device>.json."""
+) -> dict[str, Any]:
+    """Measure every block (and whole-model graph) at every precision; write profiles/<device>.json.
+
+    Graphs are timed in ``passes`` interleaved passes of ``min_time_s / passes`` each (pooled), so that a burst
+    of outside load spreads over all graphs instead of skewing one, each pass on freshly made interpreters
+    (measured here: the same block differs by up to ~8 % between two instantiations, from memory placement). Besides invoke-only latency it measures what
+    the cost model needs around the invokes: the runtime's per-block gap (``EdgeRunner`` with every block at one
+    precision, end to end, minus the sum of the block invokes, per block) and, with ``transitions``, each
+    float ↔ int8 hand-over at each boundary.
+
+    With a ``meter`` (edgequee.meters.open_meter), after the latency passes, idle power is measured (``idle_s``,
+    interpreters allocated, nothing running), then each graph runs back to back for ``energy_s`` while the meter
+    records; energy per inference is reported gross and net of idle, in mJ, naming the meter.
+    """
     m = bundle.manifest
     precisions = precisions or m.precisions
-    jobs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
+    graphs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
+    pairs = [(p, q) for p in precisions for q in precisions if (p == "int8") != (q == "int8")] if transitions else []
+    boundaries = [(i, p, q) for i in range(1, m.num_exits) for p, q in pairs]
+    tick = Ticker(passes * len(graphs) + len(precisions) + len(boundaries) + (len(graphs) + 1 if meter else 0), progress)
+
+    before = _health()
     blocks, whole = [], {}
     rng = np.random.default_rng(0)
-    pool = InterpreterPool(num_threads, use_xnnpack)
-    for k, (i, p) in enumerate(jobs):
-        art = m.whole_model[p] if i < 0 else bundle.block_artifact(i, p)
-        g = pool.graph(bundle.file(art), art)
-        g.input[...] = rng.integers(-100, 100, g.input.shape) if g.input.dtype == np.int8 else rng.random(g.input.shape)
-        stats = asdict(measure_latency(g.invoke, min_time_s=min_time_s))
+    if delegate not in DELEGATES:
+        raise DeviceError(f"delegate {delegate!r}: choose one of {', '.join(DELEGATES)}")
+    graph = _Graphs(bundle, num_threads, delegate)
+    timed: dict[tuple[int, str], tuple[list[float], int, bool]] = {k: ([], 0, True) for k in graphs}
+    for k in range(passes):  # interleaved passes: a burst of outside load hits every graph alike, not one
+        if k:
+            graph.renew_cpu()
+        for i, p in graphs:
+            g = graph(i, p)
+            _fill_random(g, rng)
+            s, rounds, stable = time_calls(g.invoke, warmup_s=0.2, min_time_s=min_time_s / passes)
+            acc = timed[i, p]
+            timed[i, p] = (acc[0] + s, acc[1] + rounds, acc[2] and stable)
+            tick(f"{'whole' if i < 0 else f'block {i}'} {p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
+    entries = []
+    for i, p in graphs:
+        entry: dict[str, Any] = {"latency_ms": asdict(LatencyStats.of(*timed[i, p]))}
         if i < 0:
-            whole[p] = {"latency_ms": stats}
+            whole[p] = entry
         else:
-            blocks.append({"block": i, "precision": p, "macs": m.blocks[i].macs, "latency_ms": stats})
-        del g
-        if progress:
-            progress(k + 1, len(jobs), f"{'whole' if i < 0 else f'block {i}'} {p}")
+            entry = {"block": i, "precision": p, "macs": m.blocks[i].macs, **entry}
+            blocks.append(entry)
+        entries.append(entry)
+    energy: dict[str, Any] = {"source": "not measured", "why": "no energy meter given (edgequee profile --meter ...)"}
+    if meter is not None:  # after the latency passes: a sampling thread must not disturb the timings
+        energy = _measure_energy(meter, [(graph(i, p), e) for (i, p), e in zip(graphs, entries)],
+                                 energy_s, idle_s, tick)
+    del graph
+    run_opts = {"num_threads": num_threads, "use_xnnpack": delegate != "none", "edgetpu": delegate == "edgetpu"}
+
+    gaps = {}
+    images = rng.integers(0, 256, (16, m.input.height, m.input.width, m.input.channels), dtype=np.uint8)
+    for p in precisions:
+        runner = EdgeRunner(bundle, ThresholdPolicy(p), **run_opts)
+        it = iter(range(1 << 62))
+        loop = measure_latency(lambda: runner.classify(images[next(it) % len(images)]), min_time_s=min_time_s)
+        invokes = sum(b["latency_ms"]["p50_ms"] for b in blocks if b["precision"] == p)
+        gaps[p] = {"value": max(0.0, (loop.p50_ms - invokes) / m.num_exits), "loop_p50_ms": loop.p50_ms,
+                   "invokes_p50_ms": invokes,
+                   "source": "measured: (runtime loop p50, every block, no exit) - (sum of block invoke p50s), "
+                             "per block; covers exit head, gate, hand-over, preprocessing and softmax"}
+        tick(f"runtime loop {p}")
+
+    trans = []
+    if boundaries:
+        runner = EdgeRunner(bundle, ThresholdPolicy(precisions[0]), **run_opts)
+        for p in precisions:  # real hidden states in every output buffer (garbage would overflow quantize)
+            runner.all_exits(images[:1], [p] * m.num_exits)
+        for i, p, q in boundaries:
+            hand_over = runner.boundary(i, p, q)
+            stats = asdict(measure_latency(hand_over, warmup_s=0.02, min_time_s=min(min_time_s, 0.2)))
+            trans.append({"boundary": i, "from": p, "to": q, "elements": math.prod(m.blocks[i].input_shape),
+                          "latency_ms": stats})
+            tick(f"hand-over {p}>{q} into block {i}")
+
+    after = _health()
     profile = {
         "format": PROFILE_FORMAT,
         "device": device,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
-                    "processor": _cpu_name()},
+        "machine": machine_info(),
         "runtime": runtime_name(),
         "threads": num_threads,
-        "delegate": "xnnpack" if use_xnnpack else "none (builtin kernels)",
-        "method": "invoke-only loop per graph, inputs resident; warm-up 0.2 s; >= "
-        f"{min_time_s} s and until the last 3 round medians agree within 2 %",
-        "energy": {"source": "not measured", "why": "no energy meter configured (energy metering is a later issue)"},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "delegate": {"xnnpack": "xnnpack", "none": "none (builtin kernels)",
+                     "edgetpu": "edgetpu (int8 blocks; other graphs on the CPU with xnnpack)"}[delegate],
+        "method": f"invoke-only loop per graph, inputs resident; {passes} interleaved pass(es) over all graphs, "
+        f"each on fresh CPU interpreters, warm-up 0.2 s, then >= {min_time_s / passes:.3g} s and until the last "
+        "3 round medians agree within 2 %; stats of the pooled per-call times",
+        "energy": energy,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "health": {"before": before, "after": after},
         "blocks": blocks,
         "whole_model": whole,
+        "runtime_overhead_ms": gaps,
+        "transitions": trans,
     }
+    warn = throttle_warning(profile)
+    if warn:
+        warnings.warn(warn, stacklevel=2)
     if write:
         write_json_atomic(bundle.profiles_dir / f"{device}.json", profile)
     return profile
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def throttle_warning(profile: Mapping[str, Any]) -> str | None:
+    """A warning when the device throttled (or ran hot) while it was profiled, else None."""
+    msgs = []
+    for when, h in profile.get("health", {}).items():
+        t = h.get("throttled")
+        if t and (t["throttled_now"] or t["since_boot"]):
+            msgs.append(f"{when}: {', '.join(t['now'] + t['since_boot'])} ({t['raw']})")
+        temp = h.get("cpu_temperature_c")
+        if temp is not None and temp >= 80:
+            msgs.append(f"{when}: CPU at {temp:.0f} °C")
+    if not msgs:
+        return None
+    return ("the device was throttled or hot while profiling (" + "; ".join(msgs) + "): latencies are pessimistic; "
+            "cool it (heatsink/fan), use a 5 V/5 A supply, and profile again")

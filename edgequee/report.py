@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ._lazy import require
-from .bundle import Bundle
+from .bundle import Bundle, StoredPolicy
 
-__all__ = ["table", "inspect_text", "profile_table", "bench_table", "quickstart_text", "plot_bench"]
+if TYPE_CHECKING:
+    from .cost import CostModel
+    from .devices import DeviceDescriptor
+
+__all__ = ["table", "inspect_text", "profile_table", "devices_table", "device_text", "cost_table", "bench_table",
+           "quickstart_text", "plot_bench", "policy_text", "calibrate_text"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -66,23 +71,116 @@ def inspect_text(bundle: Bundle) -> str:
     profiles = sorted(bundle.profiles_dir.glob("*.json")) if bundle.profiles_dir.is_dir() else []
     if profiles:
         lines.append("profiles: " + ", ".join(f.stem for f in profiles))
+    stored = bundle.policy()
+    if stored is not None:
+        lines += ["", policy_text(stored)]
+    return "\n".join(lines)
+
+
+def policy_text(stored: StoredPolicy) -> str:
+    """The stored gate and its risk certificate, in words."""
+    params = ", ".join(f"{k}={v}" for k, v in stored.params.items())
+    lines = [f"policy: {stored.name} ({params})" + (f"; arrays: {', '.join(stored.arrays)}" if stored.arrays else "")]
+    c = stored.certificate
+    if c is None:
+        lines.append("certificate: none (uncalibrated: the accuracy lost to early exits is not controlled)")
+        return "\n".join(lines)
+    level = f", δ={c.delta:g}" if c.delta is not None else ""
+    status = "" if c.feasible else "  [NO KNOB PASSED: the safest setting (no early exit) is kept]"
+    bound = "-" if c.bound is None else f"{c.bound:.4g}"
+    lines += [
+        f"certificate: {c.risk} risk on {c.on} ≤ ε={c.epsilon:g}{level} by {c.method}: {c.guarantee}{status}",
+        f"  {c.knob}={c.knob_value} from {c.n_cal} calibration images: empirical risk {c.empirical_risk:.4g}, "
+        f"tested statistic {bound}, expected saving {100 * c.expected_saving:.1f} % ({c.cost})",
+        f"  data {c.data_fingerprint[:19]}…, {c.created}, edgequee {c.edgequee_version}",
+    ]
+    return "\n".join(lines)
+
+
+def calibrate_text(report: dict[str, Any]) -> str:
+    """What edgequee calibrate chose and wrote (``calibrate.calibrate_bundle``'s report)."""
+    sel = report["selection"]
+    lines = [f"searched {sel['grid_size']} settings from the safe end; chose setting {sel['index'] + 1}: {sel['message']}",
+             policy_text(StoredPolicy.from_json(report["policy"]))]
+    lines.append(f"wrote {report['policy_file']} into {report['bundle']}" if report["written"] else "not written")
     return "\n".join(lines)
 
 
 def profile_table(profile: dict[str, Any]) -> str:
     precs = sorted({b["precision"] for b in profile["blocks"]}, key=["fp32", "fp16", "int8"].index)
-    by = {(b["block"], b["precision"]): b["latency_ms"] for b in profile["blocks"]}
+    by = {(b["block"], b["precision"]): b for b in profile["blocks"]}
     n = max(b["block"] for b in profile["blocks"]) + 1
-    rows = []
-    for i in range(n):
-        rows.append([i] + [f"{by[i, p]['p50_ms']:.4f} / {by[i, p]['p90_ms']:.4f}" for p in precs])
-    rows.append(["sum p50"] + [f"{sum(by[i, p]['p50_ms'] for i in range(n)):.4f}" for p in precs])
+    metered = any("energy" in b for b in profile["blocks"])
+
+    def cell(e: dict[str, Any]) -> str:
+        lat = f"{e['latency_ms']['p50_ms']:.4f} / {e['latency_ms']['p90_ms']:.4f}"
+        return lat + (f" / {e['energy']['net_mj_per_inference']:.4g}" if metered and "energy" in e else "")
+
+    rows = [[i] + [cell(by[i, p]) for p in precs] for i in range(n)]
+    rows.append(["sum p50"] + [f"{sum(by[i, p]['latency_ms']['p50_ms'] for i in range(n)):.4f}" for p in precs])
     for p, w in profile.get("whole_model", {}).items():
         if p in precs:
-            rows.append([f"whole {p}"] + [f"{w['latency_ms']['p50_ms']:.4f}" if q == p else "" for q in precs])
+            rows.append([f"whole {p}"] + [cell(w) if q == p else "" for q in precs])
+    gaps = profile.get("runtime_overhead_ms", {})
+    if gaps:
+        rows.append(["gap/block"] + [f"{gaps[p]['value']:.4f}" if p in gaps else "" for p in precs])
+    energy = profile["energy"]
     head = (f"device {profile['device']}: {profile['runtime']}, {profile['threads']} thread(s), "
-            f"delegate {profile['delegate']}; energy: {profile['energy']['source']}")
-    return head + "\n" + table(["block"] + [f"{p} p50/p90 ms" for p in precs], rows)
+            f"delegate {profile['delegate']}; energy: {energy['source']}")
+    if "idle" in energy:
+        head += f" (idle {energy['idle']['idle_w']:.3g} W)"
+    unit = " / net mJ" if metered else ""
+    out = head + "\n" + table(["block"] + [f"{p} p50/p90 ms{unit}" for p in precs], rows)
+    trans = profile.get("transitions", [])
+    if trans:
+        ns = [t["latency_ms"]["p50_ms"] * 1e6 / t["elements"] for t in trans]
+        out += (f"\nfloat<->int8 hand-overs: {len(trans)} timed, median {sorted(ns)[len(ns) // 2]:.2f} ns/element "
+                f"({min(t['latency_ms']['p50_ms'] for t in trans) * 1e3:.1f}-"
+                f"{max(t['latency_ms']['p50_ms'] for t in trans) * 1e3:.1f} µs each)")
+    return out
+
+
+def devices_table(devices: Iterable[DeviceDescriptor]) -> str:
+    rows = []
+    for d in devices:
+        figs = d.figures().values()
+        measured = sum(f.status == "measured" for f in figs)
+        rows.append([d.name, ",".join(d.precisions) + (f" (+{d.host})" if d.host else ""),
+                     " ".join(f"{p}:{f.value:g}" for p, f in d.throughput_gmacs.items()),
+                     d.invoke_overhead_ms.value, f"{d.idle_w.value:g}/{d.active_w.value:g}",
+                     f"{measured}/{len(figs)}", d.title[:60]])
+    return table(["device", "precisions", "GMAC/s", "invoke ms", "idle/active W", "measured", "title"], rows)
+
+
+def device_text(d: DeviceDescriptor) -> str:
+    lines = [f"{d.name}: {d.title}", f"threads {d.threads}, runtime {d.runtime}, delegate {d.delegate}"
+             + (f", other precisions on {d.host}" if d.host else "")]
+    figs = d.figures()
+    lines.append(table(["figure", "value", "status"], [[k, f.value, f.status] for k, f in figs.items()]))
+    lines += ["sources:"] + [f"  {k}: {f.source}" for k, f in figs.items()]
+    if d.notes:
+        lines.append(d.notes)
+    return "\n".join(lines)
+
+
+def cost_table(models: Sequence[CostModel]) -> str:
+    """Per block × precision latency (ms) and net energy (mJ) on each device, then where the numbers come from."""
+    out = []
+    for cm in models:
+        ps = cm.precisions()
+        by = {(r["block"], r["precision"]): r for r in cm.table()}
+        n = cm.manifest.num_exits
+
+        def cell(ms: float, mj: float | None) -> str:
+            return f"{ms:.3f} / {'-' if mj is None else f'{mj:.3g}'}"
+
+        rows = [[i] + [cell(by[i, p]["latency_ms"], by[i, p]["energy_mj"]) for p in ps] for i in range(n)]
+        rows.append(["whole"] + [cell(cm.whole(p).latency_ms, cm.whole(p).energy_mj) for p in ps])
+        sources = sorted({s for r in by.values() for s in (r["latency_source"], r["energy_source"])}
+                         | {s for p in ps for s in (cm.whole(p).latency_source, cm.whole(p).energy_source)})
+        out.append(cm.describe() + "\n" + table(["block"] + [f"{p} ms / net mJ" for p in ps], rows)
+                   + "\nsources:\n" + "\n".join(f"  {s}" for s in sources))
+    return "\n\n".join(out)
 
 
 def bench_table(report: dict[str, Any]) -> str:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .backend import Graph, InterpreterPool
-from .bundle import Bundle, InputSpec, QuantParams, load_bundle
-from .errors import BundleError, DataError
-from .policies import EXIT, ExitState, Policy, ThresholdPolicy, softmax
+from .backend import Graph, InterpreterPool, edgetpu_delegate
+from .bundle import Bundle, Certificate, InputSpec, QuantParams, load_bundle
+from .errors import BundleError, DataError, DeviceError
+from .policies import EXIT, ExitState, Policy, ThresholdPolicy, never_exits_early, policy_from_bundle, softmax
 from .preprocess import InputTable, check_images
 from .quant import copy_boundary, dequantize, fold_dequantize_into_linear, same_params
 
@@ -32,6 +33,7 @@ class Result:
     exit_index: int
     precision_path: tuple[str, ...]
     latency_ms: float
+    prediction_set: tuple[int, ...] | None = None  # conformal set at the exit taken, when the policy has one
 
 
 @dataclass
@@ -91,7 +93,8 @@ def _as_bundle(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
 
 
 class EdgeRunner:
-    """Runs a bundle's blocks in order under a policy (default: every block at the bundle's first precision, no exit).
+    """Runs a bundle's blocks in order under a policy (default: the bundle's stored policy, else every block at the
+    bundle's first precision, no exit). Warns once when a policy that can exit early has no risk certificate.
 
     Interpreters, input lookup tables, folded heads and output buffers are built once; ``classify`` allocates
     only its result.
@@ -104,14 +107,30 @@ class EdgeRunner:
         *,
         num_threads: int = 1,
         use_xnnpack: bool = True,
+        edgetpu: bool | str = False,
     ):
+        """``edgetpu`` (True, or a device such as "usb:0") runs int8 blocks on a Coral Edge TPU, using the
+        bundle's per-block Edge TPU models (``edgequee convert --edgetpu``); when the Edge TPU runtime or device
+        is missing it warns and runs them on the CPU (``self.edgetpu`` then says False)."""
         self.bundle = _as_bundle(bundle)
         self.manifest = self.bundle.manifest
         self._pool = InterpreterPool(num_threads, use_xnnpack)
+        self._tpu_pool = self._open_edgetpu("" if edgetpu is True else edgetpu) if edgetpu else None
+        self.edgetpu = self._tpu_pool is not None
         self._stages: dict[tuple[int, str], _Stage] = {}
         self._luts: dict[str, InputTable] = {}
-        self.policy: Policy = policy or ThresholdPolicy(self.manifest.precisions[0])
+        self._stored = self.bundle.policy()
+        self._warned = False
+        self.policy: Policy = policy or policy_from_bundle(self.bundle) or ThresholdPolicy(self.manifest.precisions[0])
         self.set_policy(self.policy)
+
+    @property
+    def certificate(self) -> Certificate | None:
+        """The bundle's risk certificate if the policy running is the stored, calibrated one; else None."""
+        stored, params = self._stored, getattr(self.policy, "params", None)
+        if stored is None or stored.name != self.policy.name or params is None or params() != dict(stored.params):
+            return None
+        return stored.certificate
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policy; graphs for its precisions are loaded now, not on the first frame."""
@@ -128,13 +147,37 @@ class EdgeRunner:
                 for q in policy.precisions:
                     self._stages[i, p].link(self._stages[i + 1, q], q)
         self.policy = policy
+        self._prediction_set = getattr(policy, "prediction_set", None)  # policy.prediction_set(exit, probs)
+        if not self._warned and self.certificate is None and not never_exits_early(policy):
+            self._warned = True
+            warnings.warn(f"{policy!r} has no risk certificate: its accuracy loss from early exits is not "
+                          f"controlled; run edgequee calibrate on {self.bundle.path}", stacklevel=2)
+
+    def _open_edgetpu(self, device: str) -> InterpreterPool | None:
+        if any(b.edgetpu is None for b in self.manifest.blocks):
+            raise BundleError(f"{self.bundle.path} has no Edge TPU models; convert with edgequee convert --edgetpu")
+        if not self.manifest.conversion.get("edgetpu", {}).get("compiled", False):
+            warnings.warn("the bundle's Edge TPU models were not compiled (no edgetpu_compiler at conversion): "
+                          "they run on the CPU; convert again with --edgetpu where the compiler is installed",
+                          stacklevel=3)
+        try:
+            delegate = edgetpu_delegate(device)
+        except DeviceError as e:
+            warnings.warn(f"{e}; running int8 blocks on the CPU instead", stacklevel=3)
+            return None
+        return InterpreterPool(1, use_xnnpack=False, delegates=[delegate])
 
     def _stage(self, block: int, precision: str) -> _Stage:
         key = (block, precision)
         stage = self._stages.get(key)
         if stage is None:
-            art = self.bundle.block_artifact(block, precision)
-            g = self._pool.graph(self.bundle.file(art), art)
+            if precision == "int8" and self._tpu_pool is not None:
+                art = self.manifest.blocks[block].edgetpu
+                assert art is not None  # checked in _open_edgetpu
+                g = self._tpu_pool.graph(self.bundle.file(art), art)
+            else:
+                art = self.bundle.block_artifact(block, precision)
+                g = self._pool.graph(self.bundle.file(art), art)
             hidden = art.outputs.get("hidden")
             features = g.outputs["features"][0]
             head_at = head_in = None
@@ -161,6 +204,12 @@ class EdgeRunner:
             if block == 0:
                 self._luts[precision] = InputTable(self.manifest.input, art.input.quant)
         return stage
+
+    def boundary(self, block: int, src: str, dst: str) -> Callable[[], object]:
+        """The hand-over of the hidden state from block ``block - 1`` at ``src`` into block ``block`` at ``dst``."""
+        a, b = self._stage(block - 1, src), self._stage(block, dst)
+        a.link(b, dst)
+        return a.transfer[dst]
 
     def classify(self, image: np.ndarray) -> Result:
         """Classify one uint8 RGB image (H, W, C) under the current policy."""
@@ -192,8 +241,9 @@ class EdgeRunner:
             stage = stages[i, decision]
             path.append(decision)
         probs = softmax(stage.logits)
+        pset = self._prediction_set(i, probs) if self._prediction_set is not None else None
         latency_ms = (time.perf_counter() - t0) * 1e3
-        return Result(int(probs.argmax()), probs, i, tuple(path), latency_ms)
+        return Result(int(probs.argmax()), probs, i, tuple(path), latency_ms, pset)
 
     def all_exits(self, images: np.ndarray, precisions: Sequence[str]) -> np.ndarray:
         """Logits of every exit for every image when block i runs at ``precisions[i]`` (no early exit).

@@ -17,4 +17,14 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q -c constraints/cpu-torch.txt torch
 fi
 python -m pip install -q -c constraints/cpu-torch.txt -e '.[host,device,camera,dev]'
+# The flash tests start a real OpenSSH server on 127.0.0.1 (and edgequee flash uses the ssh client).
+if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null; then
+  if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null
+  else
+    echo "note: sshd is missing and cannot be installed here (needs root or sudo with apt-get): install openssh-server" \
+         "for the flash tests (they skip without it, and fail under CI=true)" >&2
+  fi
+fi
 echo "edgequee set up in $(pwd)/.venv ($(python -c 'import torch, tensorflow, ai_edge_litert; print("torch", torch.__version__, "/ tensorflow", tensorflow.__version__)' 2>/dev/null))"

@@ -35,8 +35,8 @@ def test_every_registered_policy_follows_the_interface(name: str) -> None:
 
 
 def test_unknown_policy_lists_the_valid_names() -> None:
-    with pytest.raises(EdgequeeError, match=r"unknown policy 'quee'; choose one of: " + ", ".join(list_policies())):
-        create_policy("quee")
+    with pytest.raises(EdgequeeError, match=r"unknown policy 'no-such-gate'; choose one of: " + ", ".join(list_policies())):
+        create_policy("no-such-gate")
 
 
 def test_register_policy(monkeypatch: pytest.MonkeyPatch) -> None:
