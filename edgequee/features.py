@@ -32,20 +32,29 @@ def softmax_stats(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax_stats_one(logits: list[float]) -> tuple[float, float, float, float]:
-    """The same four features for one exit's logits (a Python list)."""
+    """The same four features for one exit's logits (a Python list), in one pass over the classes.
+
+    With e_i = exp(l_i - max l), S = Σe, S2 = Σe²: max p = 1/S, entropy = log S - Σe(l-max)/S, and for
+    q = p²/Σp² = e²/S2, entropy_sq = log S2 - 2·Σe²(l-max)/S2.
+    """
     m = max(logits)
-    e = [math.exp(x - m) for x in logits]
-    s = sum(e)
-    p = [v / s for v in e]
-    log_s = math.log(s)
-    entropy = -sum(pi * (x - m - log_s) for pi, x in zip(p, logits))
-    first = second = 0.0
-    for pi in p:
-        if pi > first:
-            first, second = pi, first
-        elif pi > second:
-            second = pi
-    sq = [pi * pi for pi in p]
-    t = sum(sq)
-    entropy_sq = -sum(v / t * math.log(v / t) for v in sq if v > 0)
-    return first, entropy, first - second, entropy_sq
+    s = s2 = a = a2 = 0.0
+    second = 0.0
+    top_seen = False
+    exp = math.exp
+    for x in logits:
+        d = x - m
+        e = exp(d)
+        s += e
+        a += e * d
+        e2 = e * e
+        s2 += e2
+        a2 += e2 * d
+        if second < e:
+            if e < 1.0:
+                second = e
+            elif top_seen:
+                second = 1.0  # a tie for the top class
+            else:
+                top_seen = True
+    return 1.0 / s, math.log(s) - a / s, (1.0 - second) / s, math.log(s2) - 2.0 * a2 / s2
