@@ -98,7 +98,7 @@ def main() -> None:
         runs.append(profile_bundle(bundle, f"repeat{k}", num_threads=args.threads, min_time_s=args.min_time,
                                    passes=args.passes, write=False))
         log(f"  {time.perf_counter() - t0:.0f} s")
-    write_json_atomic(bundle.profiles_dir / "host.json", runs[0])  # keep a measured host profile in the bundle
+    write_json_atomic(bundle.profiles_dir / "host.json", {**runs[0], "device": "host"})  # keep it in the bundle
 
     p50 = [{(b["block"], b["precision"]): b["latency_ms"]["p50_ms"] for b in r["blocks"]} for r in runs]
     repeat = {k: abs(p50[0][k] - p50[1][k]) / min(p50[0][k], p50[1][k]) for k in p50[0]}
