@@ -202,9 +202,11 @@ def quickstart_text(report: dict[str, Any]) -> str:
     parts = [
         f"quickstart: {report['bundle']}",
         f"convert {report['convert_seconds']:.1f} s, profile {report['profile_seconds']:.1f} s, "
-        f"bench {report['bench_seconds']:.1f} s",
+        f"calibrate {report['calibrate_seconds']:.1f} s, bench {report['bench_seconds']:.1f} s",
         "",
         profile_table(report["profile"]),
+        "",
+        calibrate_text(report["calibration"]),
         "",
         bench_table(report["bench"]),
     ]
