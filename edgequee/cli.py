@@ -463,13 +463,12 @@ def bench(bundle: str, data: str, n_images: int | None, latency_samples: int, pr
 def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: float | None, threads: int,
         edgetpu: str | None, json_out: str | None) -> None:
     """Classify images (files, folders or .npz) with the bundle, block by block."""
-    from .policies import ThresholdPolicy
     from .runtime import EdgeRunner
     from .inputs import read_inputs
 
     b = load_bundle(bundle)
-    given = precision is not None or threshold is not None
-    policy = ThresholdPolicy(precision or "fp32", math.inf if threshold is None else threshold) if given else None
+    policy = _threshold_policy(precision, threshold)
+    given = policy is not None
     runner = EdgeRunner(b, policy, num_threads=threads, edgetpu=True if edgetpu == "" else (edgetpu or False))
     if not given and b.manifest.policy is not None:
         cert = runner.certificate
