@@ -83,7 +83,9 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, help="bundle to profile (default: runs/resnet56.bundle, made if missing)")
     ap.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models" / "akamaster_resnet_cifar10")
     ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timing per graph and run")
-    ap.add_argument("--passes", type=int, default=8, help="interleaved timing passes per run (see profile_bundle)")
+    ap.add_argument("--passes", type=int, default=32, help="interleaved timing passes per run, each on fresh "
+                    "interpreters (see profile_bundle): one instantiation of a graph can be ~8 %% slower than another, "
+                    "and the pooled median of many averages that out (8 passes gave 4.4-13 %% repeat differences)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plot", type=Path, help="PNG: measured (both runs) and estimated cost per block")

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequee.data import crop_flip
 from edgequee.errors import DataError
 
 from .multiexit import MultiExitModel
 
-__all__ = ["train_heads", "finetune_joint", "evaluate", "exit_logits", "random_crop_flip"]
+__all__ = ["train_heads", "finetune_joint", "evaluate", "exit_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,6 @@ def evaluate(
     _check_data(model, x, y)
     logits = exit_logits(model, x, batch_size=batch_size, progress=progress)
     return [float((lg.argmax(1) == y).mean()) for lg in logits]
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """CIFAR augmentation on a uint8 NHWC batch: zero-pad by ``pad``, random crop back, random horizontal flip."""
-    n, h, w, _ = images.shape
-    padded = F.pad(images, (0, 0, pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    rows = oy + torch.arange(h)
-    cols = ox + torch.arange(w)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    return padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _split_head(head: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -331,13 +319,14 @@ def finetune_joint(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps * epochs))
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     history: list[list[float]] = []
     done, t0 = 0, time.perf_counter()
     model.train()
     for _ in range(epochs):
         sums, seen = torch.zeros(model.num_exits, dtype=torch.float64), 0
         for idx in _batches(len(x), batch_size, gen):
-            xb = random_crop_flip(images[idx], gen) if augment else images[idx]
+            xb = torch.from_numpy(crop_flip(images[idx].numpy(), rng)) if augment else images[idx]
             losses = torch.stack([F.cross_entropy(lg, labels[idx]) for lg in model(model.normalize(xb))])
             opt.zero_grad(set_to_none=True)
             (losses * weights).sum().backward()

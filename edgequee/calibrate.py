@@ -127,6 +127,7 @@ def calibrate_bundle(
     method: str = "ucb-wsr",
     device: str | None = None,
     objective: str = "latency",
+    augment: int | None = None,
     num_threads: int = 1,
     write: bool = True,
     progress: Progress | None = None,
@@ -136,7 +137,8 @@ def calibrate_bundle(
     When the bundle already stores a policy of that name (e.g. a trained gate), it is the starting point: its
     params and arrays are kept, ``params`` override them, and only the knob is tuned. A policy with a ``prepare``
     method (quee) computes its own traces and fits its predictors on part of the images; the knob is then
-    calibrated, and the certificate computed, on the rest.
+    calibrated, and the certificate computed, on the rest; ``augment`` (None: the policy's default) is the number
+    of augmented copies of each image the gate is fitted on.
     Without labels only the consistency risk can be controlled (the full model's predictions are the reference).
     Returns a JSON-ready report: the selection, the certificate and the stored policy spec.
     """
@@ -155,9 +157,12 @@ def calibrate_bundle(
                             "knob_grid, exits_for_knob and params)")
     cost_name, cost = block_costs(bundle, device, objective)
     prepare = getattr(base, "prepare", None)  # learned gates fitted here first (quee: path traces, predictors)
+    if prepare is None and augment:
+        raise DataError(f"augmented copies enlarge the data a learned gate is fitted on; {policy} fits nothing")
     if prepare is not None:  # the knob is then chosen on the images the gate was not fitted on
+        extra = {} if augment is None else {"augment": augment}
         base, traces, images, labels = prepare(bundle, images, labels, device=device, objective=objective,
-                                               num_threads=num_threads, progress=progress)
+                                               num_threads=num_threads, progress=progress, **extra)
     else:
         traces = compute_traces(bundle, images, base.precisions, num_threads=num_threads, progress=progress)
     table = knob_table(base, traces, cost, labels, risk, on)

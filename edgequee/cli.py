@@ -569,13 +569,16 @@ def camera(bundle: str, source: str, headless: bool, out: str | None, record: st
               help="quee: the cheapest λ reaching this accuracy on held-out calibration images (no risk control).")
 @click.option("--budget-ms", type=click.FloatRange(min=0),
               help="quee: the most accurate λ within this mean latency on --device (no risk control).")
+@click.option("--augment", type=click.IntRange(min=0),
+              help="quee: label-preserving copies of each image its predictors are fitted on (mirror, then random "
+                   "crop + mirror); 0 where a mirror changes the label  [default: 3]")
 @threads_option
 @json_option
 @_errors
 def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name: str, precision: str | None,
               risk: str | None, on: str, epsilon: float | None, delta: float, method: str, n_cal: int | None,
               device: str | None, objective: str, lam: float | None, target_accuracy: float | None,
-              budget_ms: float | None, threads: int, json_out: str | None) -> None:
+              budget_ms: float | None, augment: int | None, threads: int, json_out: str | None) -> None:
     """Tune the policy's exit knob so its risk stays ≤ ε; store the policy and its certificate in BUNDLE.
 
     quee (learned, device-aware exit-or-precision gate) needs --data and --device; its predictors are fitted on half
@@ -605,6 +608,8 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
               if v is not None]
     if precision and policy_name == "quee":
         raise DataError("--precision is the threshold policy's; quee picks its precisions from the device's costs")
+    if augment is not None and policy_name != "quee":
+        raise DataError("--augment enlarges the data quee's predictors are fitted on; drop it for " + policy_name)
     if direct and (policy_name != "quee" or len(direct) > 1 or epsilon is not None):
         raise DataError(f"{', '.join(direct)}: choose quee's λ one way (only with --policy quee, without --epsilon)")
     if not direct and epsilon is None:
@@ -618,14 +623,14 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
         with _progress("calibrating quee") as cb:
             report = calibrate_quee(b, images, labels, device=device, objective=objective, lam=lam,
                                     target_accuracy=target_accuracy, budget_ms=budget_ms, num_threads=threads,
-                                    progress=cb)
+                                    progress=cb, **({} if augment is None else {"augment": augment}))
         _emit(report, calibrate_text(report), json_out)
         return
     with _progress("calibrating") as cb:
         report = calibrate_bundle(
             b, images, labels, policy=policy_name, params={"precision": precision} if precision else None,
             risk=risk or ("gap" if labels is not None else "consistency"), on=on, epsilon=epsilon, delta=delta,
-            method=method, device=device, objective=objective, num_threads=threads, progress=cb)
+            method=method, device=device, objective=objective, augment=augment, num_threads=threads, progress=cb)
     _emit(report, calibrate_text(report), json_out)
 
 

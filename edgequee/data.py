@@ -14,7 +14,7 @@ import numpy as np
 from ._lazy import require
 from .errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "save_npz", "read_image", "IMAGE_SUFFIXES"]
+__all__ = ["Dataset", "load_dataset", "save_npz", "read_image", "crop_flip", "augmented_copies", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "mnist": "MNIST"}
@@ -144,3 +144,26 @@ def save_npz(path: Path, data: Dataset) -> None:
         classes=np.asarray(data.classes),
     )
     os.replace(tmp, path)
+
+
+def crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """CIFAR-style augmentation of a uint8 NHWC batch: zero-pad by ``pad``, crop back at a random offset, flip
+    horizontally with probability 1/2 (per image)."""
+    n, h, w = images.shape[:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = rng.integers(0, 2 * pad + 1, (n, 1)) + np.arange(h)
+    cols = rng.integers(0, 2 * pad + 1, (n, 1)) + np.arange(w)
+    cols = np.where(rng.random((n, 1)) < 0.5, cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def augmented_copies(images: np.ndarray, copies: int, *, seed: int = 0) -> np.ndarray:
+    """``copies`` label-preserving variants of every image, (copies × N, H, W, C) copy after copy: the mirror image
+    first, then ``crop_flip`` draws. For enlarging the data a learned gate is fitted on, not for measuring risk;
+    wrong where a mirror changes the label (digits, text)."""
+    if copies <= 0:
+        return images[:0]
+    rng = np.random.default_rng(seed)
+    out = [np.ascontiguousarray(images[:, :, ::-1])]
+    out += [crop_flip(images, rng) for _ in range(copies - 1)]
+    return np.concatenate(out)

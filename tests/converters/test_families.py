@@ -23,7 +23,7 @@ from converters._registry import create_model, list_models
 from converters.heads import list_heads
 from converters.multiexit import load_checkpoint, save_checkpoint
 from converters.resnet_cifar import OptionAShortcut, slice_pad_shortcut
-from converters.train import evaluate, finetune_joint, random_crop_flip, train_heads
+from converters.train import evaluate, finetune_joint, train_heads
 from edgequee.errors import ConversionError, DataError
 
 
@@ -224,11 +224,3 @@ def test_finetune_joint_runs_and_updates_everything() -> None:
         evaluate(model, x.astype(np.float32), y)
 
 
-def test_random_crop_flip_keeps_pixels() -> None:
-    x = torch.from_numpy(_images(6))
-    gen = torch.Generator().manual_seed(0)
-    out = random_crop_flip(x, gen, pad=0)
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    assert all(torch.equal(o, i) or torch.equal(o, i.flip(1)) for o, i in zip(out, x))
-    padded = random_crop_flip(x, gen, pad=4)
-    assert padded.shape == x.shape

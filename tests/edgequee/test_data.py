@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgequee.bundle import InputSpec
-from edgequee.data import Dataset, load_dataset, save_npz
+from edgequee.data import Dataset, augmented_copies, crop_flip, load_dataset, save_npz
 from edgequee.errors import DataError
 from edgequee.inputs import read_inputs
 
@@ -155,3 +155,18 @@ def test_read_inputs_bad_npz(tmp_path: Path, name: str, message: str) -> None:
     _junk(tmp_path / "junk.npz")
     with pytest.raises(DataError, match=message):
         list(read_inputs([str(tmp_path / name)], SPEC))
+
+
+def test_crop_flip_and_augmented_copies_keep_the_pixels() -> None:
+    x = load_dataset(SAMPLE_NPZ).x_test[:8]
+    rng = np.random.default_rng(0)
+    same = crop_flip(x, rng, pad=0)  # no room to move: each image is itself or its mirror
+    assert same.shape == x.shape and same.dtype == np.uint8
+    assert all(np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]) for o, i in zip(same, x))
+    assert any(not np.array_equal(o, i) for o, i in zip(same, x))
+    moved = crop_flip(x, rng, pad=4)
+    assert moved.shape == x.shape and not np.array_equal(moved, x)
+    copies = augmented_copies(x, 3, seed=1)
+    assert copies.shape == (24, *x.shape[1:]) and np.array_equal(copies[:8], x[:, :, ::-1])
+    assert np.array_equal(copies, augmented_copies(x, 3, seed=1))  # seeded: cacheable
+    assert augmented_copies(x, 0).shape == (0, *x.shape[1:])

@@ -141,6 +141,16 @@ def test_brier_selection_picks_the_kind_that_fits() -> None:
     assert report["keys_logistic"] == 1 and b["logistic"] < b["cells"] and b["chosen"] == b["logistic"]
 
 
+def test_copies_of_an_image_are_held_out_together() -> None:
+    rng = np.random.default_rng(0)
+    traces, labels = _synthetic_traces(400, rng, lambda p: 1 - p)
+    doubled = PathTraces.concat([traces, traces])
+    _, report = fit_predictors(doubled, np.tile(labels, 2), ["fp32"], groups=np.tile(np.arange(400), 2))
+    assert report["images"] == 400 and report["n_held_out"] == 2 * 80 and report["n_fit"] == 2 * 320
+    with pytest.raises(DataError, match="group ids"):
+        fit_predictors(doubled, np.tile(labels, 2), ["fp32"], groups=np.arange(400))
+
+
 # ------------------------------------------------------------------------------------------ decision rule
 
 
@@ -257,6 +267,8 @@ def test_calibrate_quee_with_a_lambda_then_run(bundle_copy: Path, sample) -> Non
     stored = load_bundle(bundle_copy).policy()
     assert stored.name == "quee" and stored.params["lam"] == 0.01 and stored.params["device"] == "rpi4"
     assert {"rows", "kinds", "cost_block", "cost_transition", "prior_error"} <= set(stored.arrays)
+    fit = stored.params["fit"]  # half of the 200 images, each with 3 augmented copies (the default)
+    assert fit["images"] == 100 and fit["n_fit"] + fit["n_held_out"] == 400
     with pytest.warns(UserWarning, match="no risk certificate"):
         runner = EdgeRunner(bundle_copy)  # the stored policy by default
     assert isinstance(runner.policy, QueePolicy) and runner.policy.lam == 0.01
@@ -290,6 +302,7 @@ def test_calibrate_quee_option_errors(bundle_copy: Path) -> None:
         (["--policy", "quee"], "--epsilon .*or --lam"),
         (["--policy", "quee", "--lam", "0.1"], "needs labelled --data and a --device"),
         (["--policy", "quee", "--precision", "int8", "--epsilon", "0.1"], "quee picks its precisions"),
+        (["--augment", "2", "--epsilon", "0.1"], "drop it for threshold"),
     ]
     for extra, message in cases:
         result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "30", *extra)
