@@ -52,13 +52,14 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from .errors import BundleError, DataError, DeviceError
 from .features import softmax_stats, softmax_stats_one
 from .policies import EXIT, Decisions, ExitState, Traces, register_policy
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 __all__ = ["PathTraces", "PathDecisions", "QueePolicy", "choose_precisions", "trace_paths", "cost_arrays",
            "fit_predictors", "fit_policy", "path_costs", "kmeans", "fit_logistic", "calibrate_quee"]
 
-Progress = Callable[[int, int, str], None]
 CELLS, LOGISTIC = 0, 1
 _KS = (8, 16, 32)
 _PRIOR_STRENGTHS = (1.0, 4.0, 16.0)
