@@ -33,9 +33,9 @@ fits them on the fitting images plus ``AUGMENT`` label-preserving copies of each
 mirror, then random crop + mirror), an image and its copies always on the same side of the Brier hold-out; the
 knob and any risk certificate use untouched images only. Why: the learned gate's margin over a max-softmax
 threshold is a fraction of a point, and with 5000 images the predictors' variance eats it (ResNet-56, CIFAR-10,
-host costs, priced: QuEE was at least as accurate for no more cost at 36 % of the threshold baseline's budgets
-when fitted on 5000 images, 73 % with 3 copies of each — and 100 % when fitted on the evaluation images
-themselves, so the policy class has the room; the data is what is short).
+host: QuEE is at least as accurate for no more measured latency at 15 of the threshold baseline's 22 points when
+fitted on 5000 images, 18 with 3 copies of each, benchmarks/quee.py; fitted on the evaluation images themselves,
+cell predictors dominated all 22 in a priced study, so the data is what is short).
 
 **Decision** at exit l: argmin over options of P̂(err) + λ·cost(blocks l+1..m at q, plus the hand-over into block
 l+1 when q changes precision), costs from the device's cost model (latency, energy or weighted), precomputed per
