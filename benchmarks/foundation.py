@@ -4,7 +4,8 @@ Reproduces the foundation issue's acceptance numbers end to end:
 - convert_seconds: `convert_model` at fp32, fp16, int8 (+ whole model fp32/int8), parity on 1000 test images,
   exactly what `edgequee convert` does;
 - parity / parity_chained / exit_accuracy_chained: on the full test split (10,000 images);
-- split_overhead: runtime loop with every block and no early exit ÷ whole model, at 1 and 2 threads;
+- split_overhead: runtime loop with every block and no early exit ÷ whole model, at 1 and 2 threads
+  (split_overhead_gated: the same with the exit heads and a max-softmax gate evaluated after every block);
 - whole_model accuracy and latency, per-exit accuracy, and the bench table (threshold sweep per precision).
 
     python benchmarks/foundation.py --data ../shared/data/cifar10.npz \
@@ -98,7 +99,8 @@ def main() -> None:
                 for t in (1, 2)}
     log("split overhead")
     lat_x = x[: args.latency_samples]
-    split = {p: {f"threads_{t}": measure_split_overhead(bundle, lat_x, p, t) for t in (1, 2)} for p in ("fp32", "int8")}
+    split, gated = ({p: {f"threads_{t}": measure_split_overhead(bundle, lat_x, p, t, gated=g) for t in (1, 2)}
+                     for p in ("fp32", "int8")} for g in (False, True))
     log("bench (1 thread)")
     bench = bench_bundle(bundle, x, y, num_threads=1, latency_samples=min(500, len(x)))
     plot_bench(bench, out_dir / "foundation_bench.png")
@@ -120,6 +122,8 @@ def main() -> None:
         "int8_accuracy_drop_pt": [100 * (t - a) for t, a in zip(torch_acc, next(c for c in chained if c.precision == "int8").exit_accuracy)],
         "split_overhead": {p: {k: v["ratio"] for k, v in d.items()} for p, d in split.items()},
         "split_overhead_detail": split,
+        "split_overhead_gated": {p: {k: v["ratio"] for k, v in d.items()} for p, d in gated.items()},
+        "split_overhead_gated_detail": gated,
         "whole_model": bench["whole_model"],
         "profiles": profiles,
         "bench": bench,
@@ -130,6 +134,7 @@ def main() -> None:
         print(f"\n{t}:\n" + profile_table(prof))
     print("\n" + bench_table(bench))
     print("\nsplit overhead:", json.dumps(report["split_overhead"]))
+    print("split overhead with a never-firing max-softmax gate:", json.dumps(report["split_overhead_gated"]))
     print(f"convert_seconds {convert_seconds:.1f}; parity (min isolated agreement) {report['parity']}")
     print(f"wrote {out_json}")
 

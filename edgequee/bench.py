@@ -9,13 +9,14 @@ policy, and the runtime's answers on those images are checked against the trace-
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .bundle import Bundle
 from .errors import DataError, InternalError
-from .policies import Policy, ThresholdPolicy, max_softmax
+from .policies import NEVER_FIRES, Policy, ThresholdPolicy, max_softmax
 from .progress import Progress, Ticker
 from .runtime import EdgeRunner, WholeModelRunner
 
@@ -38,17 +39,25 @@ def _mean_latency_ms(classify: Callable[[np.ndarray], object], images: np.ndarra
 
 
 def measure_split_overhead(
-    bundle: Bundle, images: np.ndarray, precision: str, num_threads: int = 1, rounds: int = 7
+    bundle: Bundle, images: np.ndarray, precision: str, num_threads: int = 1, rounds: int = 7, *, gated: bool = False
 ) -> dict[str, float]:
     """Runtime loop with every block and no early exit ÷ the whole model, same precision and threads.
 
+    Without ``gated`` the policy is the no-exit one (``ThresholdPolicy(precision)``): the runner's loop without
+    gate, the cost of running block by block. With ``gated`` a threshold of ``NEVER_FIRES`` makes the runner
+    evaluate every exit head and the max-softmax gate as an early-exit policy would, and still run every block.
     Both run end to end (preprocessing, invokes, softmax) on the same images in alternating rounds; the median of
-    the per-round ratios is reported, so slow drifts of a noisy machine hit both sides alike.
+    the per-round ratios is reported, so slow drifts of a noisy machine hit both sides alike. Every round makes
+    both runners afresh: the same graph runs a few % faster or slower depending on where its interpreter's
+    memory lands, and one lucky or unlucky pair of allocations would bias every round alike.
     """
-    split = EdgeRunner(bundle, ThresholdPolicy(precision), num_threads=num_threads)
-    whole = WholeModelRunner(bundle, precision, num_threads=num_threads)
+    policy = ThresholdPolicy(precision, NEVER_FIRES if gated else None)
     ratios, split_ms, whole_ms = [], [], []
     for _ in range(rounds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gated policy has no certificate; it never exits
+            split = EdgeRunner(bundle, policy, num_threads=num_threads)
+        whole = WholeModelRunner(bundle, precision, num_threads=num_threads)
         s, _ = _mean_latency_ms(split.classify, images)
         w, _ = _mean_latency_ms(whole.classify, images)
         ratios.append(s / w)
@@ -60,6 +69,7 @@ def measure_split_overhead(
         "whole_latency_ms": float(np.median(whole_ms)),
         "rounds": rounds,
         "images": int(len(images)),
+        "gated": gated,
     }
 
 
@@ -94,7 +104,7 @@ def bench_bundle(
         lat, _ = _mean_latency_ms(wr.classify, lat_x)
         whole[p] = {"accuracy": acc, "latency_ms": lat}
         tick(f"whole model {p}")
-    policies, split_overhead, exit_accuracy = [], {}, {}
+    policies, split_overhead, gated_overhead, exit_accuracy = [], {}, {}, {}
     macs = np.asarray(m.cumulative_macs(), np.float64)
     for p in precisions:
         logits = runner.all_exits(images, [p] * m.num_exits)
@@ -123,6 +133,7 @@ def bench_bundle(
             tick(f"{p} threshold {t}")
         if p in whole:
             split_overhead[p] = measure_split_overhead(bundle, lat_x, p, num_threads, rounds=3)["ratio"]
+            gated_overhead[p] = measure_split_overhead(bundle, lat_x, p, num_threads, rounds=3, gated=True)["ratio"]
     if policy is not None:
         policies.append(_policy_row(bundle, policy, images, labels, lat_x, num_threads, macs))
         tick(f"{policy.name} (stored)")
@@ -135,6 +146,7 @@ def bench_bundle(
         "whole_model": whole,
         "policies": policies,
         "split_overhead": split_overhead,
+        "split_overhead_gated": gated_overhead,
     }
 
 

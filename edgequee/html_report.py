@@ -270,6 +270,7 @@ def render_html(report: dict[str, Any], bundle: Bundle) -> str:
     if any(p["energy_mj"] is not None for p in pts):
         plots.append(_pareto_plot(report, pts, "energy_mj", "mean energy per image (mJ)"))
     split = report.get("split_overhead") or {}
+    gated = report.get("split_overhead_gated") or {}
     e = html.escape
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>edgequee bench: {e(report['model'])}</title>"
@@ -287,7 +288,9 @@ def render_html(report: dict[str, Any], bundle: Bundle) -> str:
     ]
     if split:
         parts.append("<p class='note'>split overhead (runtime loop with every block, no early exit ÷ whole model): "
-                     + e(", ".join(f"{p} {v:.3f}" for p, v in split.items())) + "</p>")
+                     + e(", ".join(f"{p} {v:.3f}" for p, v in split.items()))
+                     + (("; with a max-softmax gate after every exit that never fires: "
+                         + e(", ".join(f"{p} {v:.3f}" for p, v in gated.items()))) if gated else "") + "</p>")
     if report.get("policies"):
         parts += ["<h2>Exits taken</h2>", _exit_plot(report)]
     if report.get("exit_accuracy"):

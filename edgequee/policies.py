@@ -17,10 +17,13 @@ import numpy as np
 from .bundle import Bundle, Certificate, StoredPolicy
 from .errors import BundleError, EdgequeeError
 
-__all__ = ["EXIT", "ExitState", "softmax", "max_softmax", "Policy", "register_policy", "create_policy", "list_policies", "ThresholdPolicy",
+__all__ = ["EXIT", "NEVER_FIRES", "ExitState", "softmax", "max_softmax", "Policy", "register_policy", "create_policy", "list_policies", "ThresholdPolicy",
            "Traces", "Decisions", "KnobPolicy", "never_exits_early", "to_stored", "from_stored", "policy_from_bundle"]
 
 EXIT = "exit"
+# A max-softmax threshold no probability reaches: the gate runs after every exit (as any early-exit policy's does)
+# and never fires. What timing the gated loop without early exits uses (bench, profiler).
+NEVER_FIRES = 2.0
 
 
 @dataclass

@@ -195,6 +195,9 @@ def bench_table(report: dict[str, Any]) -> str:
     if report.get("split_overhead"):
         lines.append("split overhead (runtime loop, no early exit ÷ whole model): "
                      + ", ".join(f"{p} {v:.3f}" for p, v in report["split_overhead"].items()))
+    if report.get("split_overhead_gated"):
+        lines.append("  with a max-softmax gate evaluated after every exit (never firing): "
+                     + ", ".join(f"{p} {v:.3f}" for p, v in report["split_overhead_gated"].items()))
     return "\n".join(lines)
 
 

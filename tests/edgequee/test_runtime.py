@@ -11,7 +11,7 @@ import pytest
 from edgequee.backend import runtime_name
 from edgequee.bundle import load_bundle, sha256_file
 from edgequee.errors import BundleError, DataError
-from edgequee.policies import ExitState, ThresholdPolicy
+from edgequee.policies import NEVER_FIRES, ExitState, ThresholdPolicy
 from edgequee.runtime import EdgeRunner, WholeModelRunner
 
 pytestmark = pytest.mark.slow
@@ -123,6 +123,21 @@ def test_all_exits_agrees_with_classify(converted, exit_logits, sample, precisio
         r = runner.classify(image)
         np.testing.assert_allclose(r.probs, _softmax(exit_logits[precision][n, -1]), rtol=1e-5, atol=1e-7)
         assert r.precision_path == (precision,) * runner.manifest.num_exits
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_no_exit_loop_equals_the_gated_loop(converted, sample, precision: str) -> None:
+    """A policy at its safe knob runs without gate; a gate that never fires runs the gated loop: same answers."""
+    plain = EdgeRunner(converted.path, ThresholdPolicy(precision))
+    with pytest.warns(UserWarning, match="no risk certificate"):
+        gated = EdgeRunner(converted.path, ThresholdPolicy(precision, threshold=NEVER_FIRES))
+    assert plain._chain is not None and gated._chain is None
+    for image in sample.x_test[:20]:
+        a, b = plain.classify(image), gated.classify(image)
+        np.testing.assert_array_equal(a.probs, b.probs)
+        assert (a.class_id, a.exit_index, a.precision_path) == (b.class_id, b.exit_index, b.precision_path)
+    plain.set_policy(ThresholdPolicy(precision, threshold=0.0))  # switching policy switches the loop
+    assert plain._chain is None and plain.classify(sample.x_test[0]).exit_index == 0
 
 
 @pytest.mark.parametrize("pattern", [("int8", "fp32", "fp16"), ("fp32", "int8")])
