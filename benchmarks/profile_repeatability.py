@@ -1,6 +1,7 @@
 """Profile repeatability and cost-estimator accuracy on this machine.
 
-1. Profiles a bundle twice (``profile_bundle``, 1 thread, XNNPACK) and compares the two runs graph by graph:
+1. Profiles a bundle twice (``edgequee profile``, each run its own process, 1 thread, XNNPACK) and compares the two
+   runs graph by graph:
    ``median_repeat_max_rel_diff`` = the largest |p50_a - p50_b| / min(p50_a, p50_b) over every block × precision.
 2. Calibrates the generic ``x86-host`` descriptor to this machine from the first profile and prices every block
    from the descriptor alone (``CostModel`` without the profile); compares with the measured block cost
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,9 @@ def main() -> None:
                     "interpreters (see profile_bundle): one instantiation of a graph can be ~8 %% slower than another, "
                     "and the pooled median of many averages that out (8 passes gave 4.4-13 %% repeat differences)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true", help="profile both runs in this process instead of one "
+                    "`edgequee profile` process each (what a user runs twice; the second profile of one process "
+                    "sees the heap the first left behind)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plot", type=Path, help="PNG: measured (both runs) and estimated cost per block")
     args = ap.parse_args()
@@ -95,10 +100,14 @@ def main() -> None:
     m = bundle.manifest
     runs = []
     for k in range(2):
-        log(f"profile run {k + 1}/2 of {bundle.path} ({args.threads} thread(s), >= {args.min_time} s per graph)")
+        log(f"profile run {k + 1}/2 of {bundle.path} ({args.threads} thread(s), >= {args.min_time} s per graph"
+            f"{', in this process' if args.in_process else ', own process'})")
         t0 = time.perf_counter()
-        runs.append(profile_bundle(bundle, f"repeat{k}", num_threads=args.threads, min_time_s=args.min_time,
-                                   passes=args.passes, write=False))
+        if args.in_process:
+            runs.append(profile_bundle(bundle, f"repeat{k}", num_threads=args.threads, min_time_s=args.min_time,
+                                       passes=args.passes, write=False))
+        else:
+            runs.append(profile_in_own_process(bundle, f"repeat{k}", args))
         log(f"  {time.perf_counter() - t0:.0f} s")
     write_json_atomic(bundle.profiles_dir / "host.json", {**runs[0], "device": "host"})  # keep it in the bundle
 
@@ -169,6 +178,18 @@ def main() -> None:
     if args.plot:
         plot(report, args.plot)
         log(f"wrote {args.plot}")
+
+
+def profile_in_own_process(bundle: Bundle, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``edgequee profile`` in a fresh Python process (as a user would run it); its profile, taken out of the
+    bundle again so that the bundle keeps only the host profile this benchmark writes."""
+    cmd = [sys.executable, "-c", "from edgequee.cli import main; main()", "profile", str(bundle.path), "--device",
+           device, "--threads", str(args.threads), "--min-time", str(args.min_time), "--passes", str(args.passes)]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    path = bundle.profiles_dir / f"{device}.json"
+    profile = json.loads(path.read_text())
+    path.unlink()
+    return profile
 
 
 def replace_blocks(profile: dict[str, Any], exclude: int) -> dict[str, Any]:
