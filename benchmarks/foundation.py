@@ -99,7 +99,8 @@ def main() -> None:
                 for t in (1, 2)}
     log("split overhead")
     lat_x = x[: args.latency_samples]
-    split, gated = ({p: {f"threads_{t}": measure_split_overhead(bundle, lat_x, p, t, gated=g) for t in (1, 2)}
+    split, gated = ({p: {f"threads_{t}": measure_split_overhead(bundle, lat_x, p, t, rounds=11, gated=g)
+                         for t in (1, 2)}
                      for p in ("fp32", "int8")} for g in (False, True))
     log("bench (1 thread)")
     bench = bench_bundle(bundle, x, y, num_threads=1, latency_samples=min(500, len(x)))
