@@ -139,6 +139,35 @@ def _latency_entries(timed: list[list[tuple[list[float], int, bool]]]) -> tuple[
     return entries, {"count": medians.shape[1], "undisturbed": kept}
 
 
+class _RuntimeLoops:
+    """``EdgeRunner.classify`` at each precision, every block, a max-softmax gate after each that never fires: the
+    loop an early-exit policy runs, timed in every pass beside the graphs to get the runtime's gap between invokes.
+
+    One 1 s loop on one runner was not enough here: the same loop measured 3.26 and then 4.15 ms in two
+    consecutive seconds (outside load on the VM), which put 0.15 ms per block into a profile's fp32 gap.
+    Runners are made afresh each pass like the graphs' interpreters (kept under the Edge TPU delegate, which
+    takes seconds to open on a Pi)."""
+
+    def __init__(self, bundle: Bundle, precisions: tuple[str, ...], run_opts: dict[str, Any], images: np.ndarray):
+        self.bundle, self.precisions, self.run_opts, self.images = bundle, precisions, run_opts, images
+        self.runners: dict[str, EdgeRunner] = {}
+        self.renew()
+
+    def renew(self) -> None:
+        if self.runners and self.run_opts["edgetpu"]:
+            return
+        self.runners = {}  # free the old interpreters before making new ones
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a gate that never fires needs no risk certificate
+            for p in self.precisions:
+                self.runners[p] = EdgeRunner(self.bundle, ThresholdPolicy(p, NEVER_FIRES), **self.run_opts)
+
+    def __call__(self, precision: str) -> Callable[[], object]:
+        classify, images = self.runners[precision].classify, self.images
+        it = iter(range(1 << 62))
+        return lambda: classify(images[next(it) % len(images)])
+
+
 def _fill_random(g: "Graph", rng: np.random.Generator) -> None:
     g.input[...] = rng.integers(-100, 100, g.input.shape) if g.input.dtype == np.int8 else rng.random(g.input.shape)
 
@@ -238,8 +267,9 @@ def profile_bundle(
     the same block differs by up to ~8 % between two instantiations, from memory placement); the figures pool the
     per-call times of the undisturbed passes (``undisturbed_passes``). Besides invoke-only latency it measures
     what the cost model needs around the invokes: the runtime's per-block gap (``EdgeRunner`` with every block at
-    one precision and a gate after each that never fires, end to end, minus the sum of the block invokes, per
-    block) and, with ``transitions``, each float ↔ int8 hand-over at each boundary.
+    one precision and a gate after each that never fires, end to end, timed in every pass and pooled like the
+    graphs, minus the sum of the block invokes, per block) and, with ``transitions``, each float ↔ int8 hand-over
+    at each boundary.
 
     With a ``meter`` (edgequee.meters.open_meter), after the latency passes, idle power is measured (``idle_s``,
     interpreters allocated, nothing running), then each graph runs back to back for ``energy_s`` while the meter
@@ -250,7 +280,7 @@ def profile_bundle(
     graphs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
     pairs = [(p, q) for p in precisions for q in precisions if (p == "int8") != (q == "int8")] if transitions else []
     boundaries = [(i, p, q) for i in range(1, m.num_exits) for p, q in pairs]
-    tick = Ticker(passes * len(graphs) + len(precisions) + len(boundaries) + (len(graphs) + 1 if meter else 0), progress)
+    tick = Ticker(passes * (len(graphs) + len(precisions)) + len(boundaries) + (len(graphs) + 1 if meter else 0), progress)
 
     before = _health()
     blocks, whole = [], {}
@@ -258,17 +288,27 @@ def profile_bundle(
     if delegate not in DELEGATES:
         raise DeviceError(f"delegate {delegate!r}: choose one of {', '.join(DELEGATES)}")
     graph = _Graphs(bundle, num_threads, delegate)
+    run_opts = {"num_threads": num_threads, "use_xnnpack": delegate != "none", "edgetpu": delegate == "edgetpu"}
+    images = rng.integers(0, 256, (16, m.input.height, m.input.width, m.input.channels), dtype=np.uint8)
+    loops = _RuntimeLoops(bundle, precisions, run_opts, images)
     timed: dict[tuple[int, str], list[tuple[list[float], int, bool]]] = {k: [] for k in graphs}
+    looped: dict[str, list[tuple[list[float], int, bool]]] = {p: [] for p in precisions}
     for k in range(passes):  # interleaved passes: a burst of outside load hits every graph alike, not one
         if k:
             graph.renew_cpu()
+            loops.renew()
         for i, p in graphs:
             g = graph(i, p)
             _fill_random(g, rng)
             timed[i, p].append(time_calls(g.invoke, warmup_s=0.2, min_time_s=min_time_s / passes))
             tick(f"{'whole' if i < 0 else f'block {i}'} {p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
+        for p in precisions:
+            looped[p].append(time_calls(loops(p), warmup_s=0.2, min_time_s=min_time_s / passes))
+            tick(f"runtime loop {p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
+    del loops
     entries = []
-    latency, pass_info = _latency_entries([timed[k] for k in graphs])
+    # the runtime loops are pooled over the same passes as the graphs, so the gap compares like with like
+    latency, pass_info = _latency_entries([timed[k] for k in graphs] + [looped[p] for p in precisions])
     for (i, p), entry in zip(graphs, latency):
         if i < 0:
             whole[p] = entry
@@ -281,23 +321,17 @@ def profile_bundle(
         energy = _measure_energy(meter, [(graph(i, p), e) for (i, p), e in zip(graphs, entries)],
                                  energy_s, idle_s, tick)
     del graph
-    run_opts = {"num_threads": num_threads, "use_xnnpack": delegate != "none", "edgetpu": delegate == "edgetpu"}
 
     gaps = {}
-    images = rng.integers(0, 256, (16, m.input.height, m.input.width, m.input.channels), dtype=np.uint8)
-    for p in precisions:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a gate that never fires needs no risk certificate
-            runner = EdgeRunner(bundle, ThresholdPolicy(p, NEVER_FIRES), **run_opts)
-        it = iter(range(1 << 62))
-        loop = measure_latency(lambda: runner.classify(images[next(it) % len(images)]), min_time_s=min_time_s)
+    for p, loop in zip(precisions, latency[len(graphs):]):
+        loop_p50 = loop["latency_ms"]["p50_ms"]
         invokes = sum(b["latency_ms"]["p50_ms"] for b in blocks if b["precision"] == p)
-        gaps[p] = {"value": max(0.0, (loop.p50_ms - invokes) / m.num_exits), "loop_p50_ms": loop.p50_ms,
-                   "invokes_p50_ms": invokes,
+        gaps[p] = {"value": max(0.0, (loop_p50 - invokes) / m.num_exits), "loop_p50_ms": loop_p50,
+                   "invokes_p50_ms": invokes, "passes_pooled": loop["passes_pooled"],
+                   "loop_pass_p50_ms": loop["pass_p50_ms"],
                    "source": "measured: (runtime loop p50, every block, a max-softmax gate after each that never "
-                             "fires) - (sum of block invoke p50s), per block; covers exit head, gate, hand-over, "
-                             "preprocessing and softmax"}
-        tick(f"runtime loop {p}")
+                             "fires) - (sum of block invoke p50s), per block, both pooled over the same passes; "
+                             "covers exit head, gate, hand-over, preprocessing and softmax"}
 
     trans = []
     if boundaries:
@@ -323,9 +357,9 @@ def profile_bundle(
                      "edgetpu": "edgetpu (int8 blocks; other graphs on the CPU with xnnpack)"}[delegate],
         "method": f"invoke-only loop per graph, inputs resident; {passes} interleaved pass(es) over all graphs, "
         f"each on fresh CPU interpreters, warm-up 0.2 s, then >= {min_time_s / passes:.3g} s and until the last "
-        "3 round medians agree within 2 %; stats of the per-call times pooled over the undisturbed passes (the "
-        "quieter half when there are 3 or more, see passes; per graph less those hit by a burst, see "
-        "passes_pooled; pass_p50_ms lists every pass)",
+        "3 round medians agree within 2 %; each pass also times the runtime loop per precision (fresh runners); "
+        "stats of the per-call times pooled over the undisturbed passes (the quieter half when there are 3 or "
+        "more, see passes; per graph less those hit by a burst, see passes_pooled; pass_p50_ms lists every pass)",
         "passes": pass_info,
         "energy": energy,
         "peak_rss_mb": round(peak_rss_mb(), 1),

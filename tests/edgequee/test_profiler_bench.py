@@ -90,12 +90,13 @@ def test_profile_bundle_writes_measured_profile(bundle_copy: Path) -> None:
     for s in stats:
         assert s["source"] == "measured" and 0 < s["p50_ms"] <= s["p99_ms"] and s["n"] > 0
     assert [b["macs"] for b in profile["blocks"]] == [b.macs for b in m.blocks]
-    assert seen[-1][0] == seen[-1][1] >= 3 * len(stats)  # three interleaved passes, then the runtime loop
+    assert seen[-1][0] == seen[-1][1] >= 3 * len(stats)  # three interleaved passes of graphs and runtime loop
     assert profile["passes"]["count"] == 3 and len(profile["passes"]["undisturbed"]) == 2  # the quieter two
     assert all(len(b["pass_p50_ms"]) == 3 and set(b["passes_pooled"]) <= set(profile["passes"]["undisturbed"])
                and b["passes_pooled"] for b in profile["blocks"])
     gap = profile["runtime_overhead_ms"]["int8"]
     assert gap["value"] >= 0 and gap["loop_p50_ms"] > 0 and gap["source"].startswith("measured")
+    assert len(gap["loop_pass_p50_ms"]) == 3 and set(gap["passes_pooled"]) <= set(profile["passes"]["undisturbed"])
     assert profile["transitions"] == []  # one precision: nothing to hand over between
     load_bundle(bundle_copy)  # profiles are not part of the verified content
 
