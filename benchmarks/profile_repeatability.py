@@ -115,6 +115,7 @@ def main() -> None:
     repeat = {k: abs(p50[0][k] - p50[1][k]) / min(p50[0][k], p50[1][k]) for k in p50[0]}
     worst = max(repeat, key=repeat.get)  # type: ignore[arg-type]
 
+    gap_us = {p: [1e3 * r["runtime_overhead_ms"][p]["value"] for r in runs] for p in m.precisions}
     measured = measured_block_costs(bundle, runs)
     base = load_device("x86-host")
     uncalibrated = rel_errors({k: CostModel(m, base).block(*k).latency_ms for k in measured}, measured)
@@ -142,6 +143,8 @@ def main() -> None:
         f"estimator_median_rel_error = {np.median(list(loo_err.values())):.4f} (leave-one-block-out fit); "
         f"in-sample {np.median(list(insample_err.values())):.4f}; uncalibrated x86-host "
         f"{np.median(list(uncalibrated.values())):.4f}",
+        "runtime gap per block (µs, run 1 / run 2): "
+        + ", ".join(f"{p} {a:.1f} / {b:.1f}" for p, (a, b) in gap_us.items()),
         "",
         profile_table(runs[0]),
         "",
@@ -159,6 +162,7 @@ def main() -> None:
         "repeat_worst": {"block": worst[0], "precision": worst[1]},
         "repeat_rel_diff_median": float(np.median(list(repeat.values()))),
         "estimator_median_rel_error": float(np.median(list(loo_err.values()))),
+        "runtime_gap_us_per_block": gap_us,
         "estimator": {
             "method": "x86-host descriptor calibrated on this machine's first profile, leaving the block out",
             "median_rel_error_in_sample": float(np.median(list(insample_err.values()))),

@@ -310,7 +310,7 @@ def inspect(bundle: str, no_verify: bool, json_out: str | None) -> None:
                    "rapl | csv:FILE | modeled[:idle=W,active=W].")
 @click.option("--min-time", default=1.0, show_default=True, help="Minimum seconds of latency timing per graph.")
 @click.option("--passes", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Interleaved timing passes over all graphs (spreads outside load evenly).")
+              help="Interleaved timing passes over all graphs; each graph pools its passes within 5 % of its fastest.")
 @click.option("--energy-time", default=5.0, show_default=True, help="Seconds of back-to-back invokes per graph under a meter.")
 @click.option("--idle-time", default=10.0, show_default=True, help="Seconds of idle power measurement under a meter.")
 @click.option("--no-transitions", is_flag=True, help="Skip timing the float/int8 hand-overs at block boundaries.")
