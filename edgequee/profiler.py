@@ -273,7 +273,8 @@ def profile_bundle(
     graphs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
     pairs = [(p, q) for p in precisions for q in precisions if (p == "int8") != (q == "int8")] if transitions else []
     boundaries = [(i, p, q) for i in range(1, m.num_exits) for p, q in pairs]
-    tick = Ticker(passes * (len(graphs) + len(precisions)) + len(boundaries) + (len(graphs) + 1 if meter else 0), progress)
+    steps = passes * (len(graphs) + len(precisions)) + len(boundaries) + (len(graphs) + 1 if meter else 0)
+    tick = Ticker(steps, progress)
 
     before = _health()
     blocks, whole = [], {}
@@ -281,7 +282,8 @@ def profile_bundle(
     if delegate not in DELEGATES:
         raise DeviceError(f"delegate {delegate!r}: choose one of {', '.join(DELEGATES)}")
     graph = _Graphs(bundle, num_threads, delegate)
-    run_opts = {"num_threads": num_threads, "use_xnnpack": delegate != "none", "edgetpu": delegate == "edgetpu"}
+    run_opts: dict[str, Any] = {"num_threads": num_threads, "use_xnnpack": delegate != "none",
+                                "edgetpu": delegate == "edgetpu"}
     images = rng.integers(0, 256, (16, m.input.height, m.input.width, m.input.channels), dtype=np.uint8)
     loops = _RuntimeLoops(bundle, precisions, run_opts, images)
     timed: dict[tuple[int, str], list[tuple[list[float], int, bool]]] = {k: [] for k in graphs}
@@ -323,8 +325,8 @@ def profile_bundle(
                    "invokes_p50_ms": invokes, "passes_pooled": loop["passes_pooled"],
                    "loop_pass_p50_ms": loop["pass_p50_ms"],
                    "source": "measured: (runtime loop p50, every block, a max-softmax gate after each that never "
-                             "fires) - (sum of block invoke p50s), per block, both from the same passes and pooling rule; "
-                             "covers exit head, gate, hand-over, preprocessing and softmax"}
+                             "fires) - (sum of block invoke p50s), per block, both from the same passes and "
+                             "pooling rule; covers exit head, gate, hand-over, preprocessing and softmax"}
 
     trans = []
     if boundaries:
