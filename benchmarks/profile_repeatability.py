@@ -116,6 +116,7 @@ def main() -> None:
     worst = max(repeat, key=repeat.get)  # type: ignore[arg-type]
 
     gap_us = {p: [1e3 * r["runtime_overhead_ms"][p]["value"] for r in runs] for p in m.precisions}
+    gap_rows = gap_us.items()
     measured = measured_block_costs(bundle, runs)
     base = load_device("x86-host")
     uncalibrated = rel_errors({k: CostModel(m, base).block(*k).latency_ms for k in measured}, measured)
@@ -130,7 +131,6 @@ def main() -> None:
     fitted = calibrate_descriptor(base, [(m, runs[0])], name="host")
     insample_err = rel_errors({k: CostModel(m, fitted).block(*k).latency_ms for k in measured}, measured)
 
-    gaps = gap_us.items()
     rows = []
     for (i, p), meas in sorted(measured.items()):
         rows.append([i, p, p50[0][i, p], p50[1][i, p], f"{100 * repeat[i, p]:.1f}", meas, loo[i, p],
@@ -144,7 +144,7 @@ def main() -> None:
         f"estimator_median_rel_error = {np.median(list(loo_err.values())):.4f} (leave-one-block-out fit); "
         f"in-sample {np.median(list(insample_err.values())):.4f}; uncalibrated x86-host "
         f"{np.median(list(uncalibrated.values())):.4f}",
-        "runtime gap per block (µs, run 1 / run 2): " + ", ".join(f"{p} {a:.1f} / {b:.1f}" for p, (a, b) in gaps),
+        "runtime gap per block (µs, run 1 / run 2): " + ", ".join(f"{p} {a:.1f} / {b:.1f}" for p, (a, b) in gap_rows),
         "",
         profile_table(runs[0]),
         "",

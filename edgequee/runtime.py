@@ -76,6 +76,17 @@ class _Stage:
             )
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """The loop of a policy that cannot exit, precomputed: fill the first block's input, (invoke, hand-over) of
+    every block but the last, then the last block and its exit head."""
+
+    fill: Callable[[np.ndarray], object]
+    steps: tuple[tuple[Callable[[], object], Callable[[], object]], ...]
+    last: _Stage
+    path: tuple[str, ...]
+
+
 def _check_one(image: np.ndarray, spec: InputSpec) -> None:
     check_images(image, spec)
     if image.ndim != 3:
@@ -152,11 +163,13 @@ class EdgeRunner:
         self.policy = policy
         self._prediction_set = getattr(policy, "prediction_set", None)  # policy.prediction_set(exit, probs)
         no_exit = never_exits_early(policy)
-        # (invoke, hand-over) of every block but the last, and the last block: the loop of a policy that cannot exit
-        self._chain: tuple[tuple[tuple[Callable[[], object], Callable[[], object]], ...], _Stage] | None = None
+        self._chain: _Chain | None = None
         if no_exit:
-            stages = [self._stages[i, policy.start()] for i in range(self.manifest.num_exits)]
-            self._chain = tuple((a.invoke, a.transfer[policy.start()]) for a in stages[:-1]), stages[-1]
+            start = policy.start()
+            stages = [self._stages[i, start] for i in range(self.manifest.num_exits)]
+            self._chain = _Chain(functools.partial(self._luts[start].fill, stages[0].input[0]),
+                                 tuple((a.invoke, a.transfer[start]) for a in stages[:-1]), stages[-1],
+                                 (start,) * len(stages))
         if not self._warned and self.certificate is None and not no_exit:
             self._warned = True
             warnings.warn(f"{policy!r} has no risk certificate: its accuracy loss from early exits is not "
@@ -258,20 +271,19 @@ class EdgeRunner:
 
     def _classify_every_block(self, image: np.ndarray, t0: float) -> Result:
         """``classify`` for a policy that cannot exit: no gate, no intermediate exit heads."""
-        assert self._chain is not None
-        steps, stage = self._chain
-        precision = self.policy.start()
-        self._luts[precision].fill(self._stages[0, precision].input[0], image)
-        for invoke, hand_over in steps:
+        chain = self._chain
+        assert chain is not None
+        chain.fill(image)
+        for invoke, hand_over in chain.steps:
             invoke()
             hand_over()
-        stage.invoke()
-        stage.head()
-        probs = softmax(stage.logits)
-        last = self.manifest.num_exits - 1
+        chain.last.invoke()
+        chain.last.head()
+        probs = softmax(chain.last.logits)
+        last = len(chain.path) - 1
         pset = self._prediction_set(last, probs) if self._prediction_set is not None else None
         latency_ms = (time.perf_counter() - t0) * 1e3
-        return Result(int(probs.argmax()), probs, last, (precision,) * (last + 1), latency_ms, pset)
+        return Result(int(probs.argmax()), probs, last, chain.path, latency_ms, pset)
 
     def all_exits(self, images: np.ndarray, precisions: Sequence[str]) -> np.ndarray:
         """Logits of every exit for every image when block i runs at ``precisions[i]`` (no early exit).
