@@ -2,7 +2,8 @@
 
 ``CostModel.for_bundle(bundle, "rpi4")`` combines two sources:
 - the bundle's measured profile ``BUNDLE/profiles/rpi4.json`` (``edgequee profile``), used whenever it has the
-  figure: block invoke p50 plus the runtime's measured per-block gap, measured transitions, metered energy;
+  figure: block invoke p50 plus the runtime's measured per-block gap, measured transitions, metered energy, and
+  the per-inference work (preprocessing, softmax) once per inference: in block 0 and in the whole model;
 - the device descriptor ``device_profiles/rpi4.json`` otherwise: latency = per-invoke overhead + MACs /
   throughput (+ activation bytes / link bandwidth on an accelerator); energy = latency × (active − idle) power.
 Every ``Cost`` carries a source string for its latency and its energy ("measured: …" or "estimated: …").
@@ -23,11 +24,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from .bundle import Bundle, Manifest
 from .devices import DeviceDescriptor, load_device
 from .errors import DeviceError
 
-__all__ = ["OBJECTIVES", "Cost", "CostModel", "load_profile"]
+__all__ = ["OBJECTIVES", "Cost", "CostModel", "load_profile", "per_inference_at"]
 
 OBJECTIVES = ("latency", "energy", "weighted")
 
@@ -66,6 +69,16 @@ def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:
         raise DeviceError(f"{path}: not valid JSON ({e}); re-run edgequee profile") from e
 
 
+def per_inference_at(per_inference: Mapping[str, Mapping[str, Any]], precision: str) -> float:
+    """The per-inference work at ``precision``; without a whole model there, that of one with the same kind of
+    input (float or int8), else of any; 0 without whole models."""
+    if precision in per_inference:
+        return float(per_inference[precision]["value"])
+    same = [v["value"] for q, v in per_inference.items() if (q == "int8") == (precision == "int8")]
+    values = same or [v["value"] for v in per_inference.values()]
+    return float(np.median(values)) if values else 0.0
+
+
 def _is_int8(precision: str) -> bool:
     return precision == "int8"
 
@@ -97,6 +110,7 @@ class CostModel:
         self.name = (profile or {}).get("device") or (device.name if device else "?")
         self._measured_blocks = {(b["block"], b["precision"]): b for b in (profile or {}).get("blocks", [])}
         self._gap = (profile or {}).get("runtime_overhead_ms", {})
+        self._per_inference = (profile or {}).get("inference_overhead_ms", {})
         self._transitions = {(t["boundary"], t["from"], t["to"]): t for t in (profile or {}).get("transitions", [])}
         self._norm: tuple[float, float] | None = None
 
@@ -162,8 +176,14 @@ class CostModel:
         e, esrc = self._energy(ms, engine, src)
         return Cost(ms, e, src, esrc)
 
+    def _once(self, precision: str) -> float | None:
+        """The measured per-inference work (preprocessing, softmax) at ``precision`` (``per_inference_at``); None
+        for profiles without it."""
+        return per_inference_at(self._per_inference, precision) if self._per_inference else None
+
     def block(self, i: int, precision: str) -> Cost:
-        """Running block ``i`` at ``precision``, including the per-block work between invokes."""
+        """Running block ``i`` at ``precision``, including the per-block work between invokes (and, for block 0,
+        which every inference runs, the measured per-inference work)."""
         m = self._measured_blocks.get((i, precision))
         if m is not None:
             ms = m["latency_ms"]["p50_ms"]
@@ -172,6 +192,10 @@ class CostModel:
             if gap is not None:
                 ms += gap["value"]
                 src += " + measured runtime gap"
+            once = self._once(precision) if i == 0 else None
+            if once is not None:
+                ms += once
+                src += " + measured per-inference work"
             return self._measured(m, ms, src, precision)
         b = self.manifest.blocks[i]
         return self._estimated(b.macs, math.prod(b.input_shape) + math.prod(b.hidden_shape or ()) + b.num_features,
@@ -199,8 +223,12 @@ class CostModel:
         """The unsplit model at ``precision`` as one graph: measured when profiled, else one estimated invoke."""
         w = (self.profile or {}).get("whole_model", {}).get(precision)
         if w is not None:
-            return self._measured(w, w["latency_ms"]["p50_ms"], f"measured: {self._profile_name} whole-model invoke p50",
-                                  precision)
+            ms, src = w["latency_ms"]["p50_ms"], f"measured: {self._profile_name} whole-model invoke p50"
+            once = self._once(precision)
+            if once is not None:
+                ms += once
+                src += " + measured per-inference work"
+            return self._measured(w, ms, src, precision)
         m = self.manifest
         if self.device is None:  # a profile alone: the measured blocks in a row are the best estimate
             return self.path([precision] * m.num_exits)

@@ -20,11 +20,12 @@ import numpy as np
 
 from .backend import InterpreterPool, edgetpu_delegate, runtime_name
 from .bundle import Bundle, write_json_atomic
+from .cost import per_inference_at
 from .errors import DeviceError
 from .meters import energy_per_inference, now
 from .policies import NEVER_FIRES, ThresholdPolicy
 from .progress import Progress, Ticker
-from .runtime import EdgeRunner
+from .runtime import EdgeRunner, WholeModelRunner
 from .sysinfo import cpu_temperature_c, machine_info, peak_rss_mb, read_throttled
 
 if TYPE_CHECKING:
@@ -133,8 +134,11 @@ def _latency_entries(timed: list[list[tuple[list[float], int, bool]]]) -> list[d
 
 
 class _RuntimeLoops:
-    """``EdgeRunner.classify`` at each precision, every block, a max-softmax gate after each that never fires: the
-    loop an early-exit policy runs, timed in every pass beside the graphs to get the runtime's gap between invokes.
+    """The runtime loops timed in every pass beside the graphs, end to end on real-sized random images:
+    ``EdgeRunner.classify`` at each precision, every block, a max-softmax gate after each that never fires (the
+    loop an early-exit policy runs), and ``WholeModelRunner.classify`` for each whole model. The whole-model loop
+    minus its invoke is the per-inference work (preprocessing, output dequantization, softmax) that any model pays
+    once; the block loop minus its invokes minus that is the per-block gap.
 
     One 1 s loop on one runner was not enough here: the same loop measured 3.26 and then 4.15 ms in two
     consecutive seconds (outside load on the VM), which put 0.15 ms per block into a profile's fp32 gap.
@@ -143,10 +147,15 @@ class _RuntimeLoops:
 
     def __init__(self, bundle: Bundle, precisions: tuple[str, ...], run_opts: dict[str, Any], images: np.ndarray):
         self.bundle, self.precisions, self.run_opts, self.images = bundle, precisions, run_opts, images
+        self.whole_precisions = tuple(p for p in bundle.manifest.whole_model if p in precisions)
         self.runners: dict[str, EdgeRunner] = {}
+        self.wholes: dict[str, WholeModelRunner] = {}
         self.renew()
 
     def renew(self) -> None:
+        cpu = {"num_threads": self.run_opts["num_threads"], "use_xnnpack": self.run_opts["use_xnnpack"]}
+        self.wholes = {}
+        self.wholes = {p: WholeModelRunner(self.bundle, p, **cpu) for p in self.whole_precisions}
         if self.runners and self.run_opts["edgetpu"]:
             return
         self.runners = {}  # free the old interpreters before making new ones
@@ -155,8 +164,9 @@ class _RuntimeLoops:
             for p in self.precisions:
                 self.runners[p] = EdgeRunner(self.bundle, ThresholdPolicy(p, NEVER_FIRES), **self.run_opts)
 
-    def __call__(self, precision: str) -> Callable[[], object]:
-        classify, images = self.runners[precision].classify, self.images
+    def __call__(self, kind: str, precision: str) -> Callable[[], object]:
+        runner = self.runners[precision] if kind == "blocks" else self.wholes[precision]
+        classify, images = runner.classify, self.images
         it = iter(range(1 << 62))
         return lambda: classify(images[next(it) % len(images)])
 
@@ -259,10 +269,13 @@ def profile_bundle(
     load spreads over all graphs instead of skewing one, each pass on freshly made interpreters (measured here:
     the same block differs by up to ~8 % between two instantiations, from memory placement); the figures pool the
     per-call times of each graph's undisturbed passes (``undisturbed_passes``). Besides invoke-only latency it measures
-    what the cost model needs around the invokes: the runtime's per-block gap (``EdgeRunner`` with every block at
-    one precision and a gate after each that never fires, end to end, timed in every pass and pooled like the
-    graphs, minus the sum of the block invokes, per block) and, with ``transitions``, each float ↔ int8 hand-over
-    at each boundary.
+    what the cost model needs around the invokes: the per-inference work every model pays once
+    (``inference_overhead_ms``: the whole model's runtime loop, end to end, minus its invoke), the runtime's
+    per-block gap (``runtime_overhead_ms``: ``EdgeRunner`` with every block at one precision and a gate after each
+    that never fires, end to end, minus the sum of the block invokes and the per-inference work, per block; all
+    loops timed in every pass and pooled like the graphs) and, with ``transitions``, each float ↔ int8 hand-over at
+    each boundary. Splitting the per-inference work out keeps the comparison with the whole model fair: before, it
+    was spread over the blocks as "gap" while the whole model was priced by its invoke alone.
 
     With a ``meter`` (edgequee.meters.open_meter), after the latency passes, idle power is measured (``idle_s``,
     interpreters allocated, nothing running), then each graph runs back to back for ``energy_s`` while the meter
@@ -273,7 +286,8 @@ def profile_bundle(
     graphs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
     pairs = [(p, q) for p in precisions for q in precisions if (p == "int8") != (q == "int8")] if transitions else []
     boundaries = [(i, p, q) for i in range(1, m.num_exits) for p, q in pairs]
-    steps = passes * (len(graphs) + len(precisions)) + len(boundaries) + (len(graphs) + 1 if meter else 0)
+    steps = (passes * (len(graphs) + len(precisions) + sum(p in precisions for p in m.whole_model)) + len(boundaries)
+             + (len(graphs) + 1 if meter else 0))
     tick = Ticker(steps, progress)
 
     before = _health()
@@ -286,8 +300,9 @@ def profile_bundle(
                                 "edgetpu": delegate == "edgetpu"}
     images = rng.integers(0, 256, (16, m.input.height, m.input.width, m.input.channels), dtype=np.uint8)
     loops = _RuntimeLoops(bundle, precisions, run_opts, images)
+    loop_keys = [("blocks", p) for p in precisions] + [("whole", p) for p in loops.whole_precisions]
     timed: dict[tuple[int, str], list[tuple[list[float], int, bool]]] = {k: [] for k in graphs}
-    looped: dict[str, list[tuple[list[float], int, bool]]] = {p: [] for p in precisions}
+    looped: dict[tuple[str, str], list[tuple[list[float], int, bool]]] = {k: [] for k in loop_keys}
     for k in range(passes):  # interleaved passes: a burst of outside load hits every graph alike, not one
         if k:
             graph.renew_cpu()
@@ -297,13 +312,13 @@ def profile_bundle(
             _fill_random(g, rng)
             timed[i, p].append(time_calls(g.invoke, warmup_s=0.2, min_time_s=min_time_s / passes))
             tick(f"{'whole' if i < 0 else f'block {i}'} {p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
-        for p in precisions:
-            looped[p].append(time_calls(loops(p), warmup_s=0.2, min_time_s=min_time_s / passes))
-            tick(f"runtime loop {p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
+        for kind, p in loop_keys:
+            looped[kind, p].append(time_calls(loops(kind, p), warmup_s=0.2, min_time_s=min_time_s / passes))
+            tick(f"runtime loop {'' if kind == 'blocks' else 'whole '}{p}" + (f" (pass {k + 1}/{passes})" if passes > 1 else ""))
     del loops
     entries = []
     # the runtime loops are timed in the same passes and pooled by the same rule, so the gap compares like with like
-    latency = _latency_entries([timed[k] for k in graphs] + [looped[p] for p in precisions])
+    latency = _latency_entries([timed[k] for k in graphs] + [looped[k] for k in loop_keys])
     for (i, p), entry in zip(graphs, latency):
         if i < 0:
             whole[p] = entry
@@ -317,16 +332,27 @@ def profile_bundle(
                                  energy_s, idle_s, tick)
     del graph
 
+    loop_stats = dict(zip(loop_keys, latency[len(graphs):]))
+    per_inference = {}
+    for p in (p for kind, p in loop_keys if kind == "whole"):
+        loop_p50 = loop_stats["whole", p]["latency_ms"]["p50_ms"]
+        invoke = whole[p]["latency_ms"]["p50_ms"]
+        per_inference[p] = {"value": max(0.0, loop_p50 - invoke), "loop_p50_ms": loop_p50, "invoke_p50_ms": invoke,
+                            "source": "measured: (whole-model runtime loop p50: preprocessing, invoke, output "
+                                      "dequantization, softmax) - (whole-model invoke p50), same passes and pooling"}
     gaps = {}
-    for p, loop in zip(precisions, latency[len(graphs):]):
+    for p in precisions:
+        loop = loop_stats["blocks", p]
         loop_p50 = loop["latency_ms"]["p50_ms"]
         invokes = sum(b["latency_ms"]["p50_ms"] for b in blocks if b["precision"] == p)
-        gaps[p] = {"value": max(0.0, (loop_p50 - invokes) / m.num_exits), "loop_p50_ms": loop_p50,
-                   "invokes_p50_ms": invokes, "passes_pooled": loop["passes_pooled"],
+        fixed = per_inference_at(per_inference, p)
+        gaps[p] = {"value": max(0.0, (loop_p50 - invokes - fixed) / m.num_exits), "loop_p50_ms": loop_p50,
+                   "invokes_p50_ms": invokes, "per_inference_ms": fixed, "passes_pooled": loop["passes_pooled"],
                    "loop_pass_p50_ms": loop["pass_p50_ms"],
                    "source": "measured: (runtime loop p50, every block, a max-softmax gate after each that never "
-                             "fires) - (sum of block invoke p50s), per block, both from the same passes and "
-                             "pooling rule; covers exit head, gate, hand-over, preprocessing and softmax"}
+                             "fires) - (sum of block invoke p50s) - (per-inference work, inference_overhead_ms), "
+                             "per block, all from the same passes and pooling rule; covers exit head, gate and "
+                             "hand-over"}
 
     trans = []
     if boundaries:
@@ -362,6 +388,7 @@ def profile_bundle(
         "blocks": blocks,
         "whole_model": whole,
         "runtime_overhead_ms": gaps,
+        "inference_overhead_ms": per_inference,
         "transitions": trans,
     }
     warn = throttle_warning(profile)

@@ -11,7 +11,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_name", "cpu_temperature_c", "parse_throttled", "read_throttled", "peak_rss_mb", "machine_info"]
+__all__ = ["cpu_name", "cpu_flags", "int8_class", "cpu_temperature_c", "parse_throttled", "read_throttled", "peak_rss_mb",
+           "machine_info"]
+
+# The ISA features that decide how fast XNNPACK's int8 (and fp16) kernels are. x86: AVX-512 VNNI / AVX-VNNI give
+# int8 dot products (int8 3.7-4x faster than fp32 on this project's VNNI VMs; without them int8 was slower than
+# fp32 on an AVX2-only VM of the same kind). Arm: asimddp (SDOT/UDOT: Pi 5's Cortex-A76 has it, Pi 4's A72 does
+# not), i8mm (int8 matrix multiply), asimdhp (fp16 arithmetic).
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm", "asimdhp", "sve")
 
 # vcgencmd get_throttled bits (Raspberry Pi documentation, "vcgencmd": get_throttled).
 THROTTLED_BITS = {
@@ -36,6 +43,31 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of ``INT8_FLAGS`` this CPU reports (x86 "flags", Arm "Features" in /proc/cpuinfo); [] where unknown."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in INT8_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def int8_class(flags: list[str] | None = None, arch: str | None = None) -> str:
+    """The machine's int8 class from its flags: "x86-vnni" (int8 pays), "x86-avx2" (it does not), "arm-dotprod",
+    "arm" or "unknown"."""
+    flags = cpu_flags() if flags is None else flags
+    arch = (arch or platform.machine()).lower()
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        return "x86-vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else "x86-avx2"
+    if arch in ("aarch64", "arm64") or arch.startswith("arm"):
+        return "arm-dotprod" if "asimddp" in flags else "arm"
+    return "unknown"
 
 
 def cpu_temperature_c(root: str | os.PathLike[str] = "/sys/class/thermal") -> float | None:
@@ -87,5 +119,16 @@ def peak_rss_mb() -> float:
 
 
 def machine_info() -> dict[str, Any]:
+    """What a timing depends on: CPU model, the ISA features of ``INT8_FLAGS`` it has, its int8 class, cores, and the
+    TFLite runtime with its version."""
+    from .backend import runtime_name
+    from .errors import DeviceError
+
+    try:
+        runtime = runtime_name()
+    except DeviceError:  # no runtime installed: still describe the machine
+        runtime = "none"
+    flags = cpu_flags()
     return {"arch": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
-            "processor": cpu_name(), "python": platform.python_version()}
+            "processor": cpu_name(), "cpu_flags": flags, "int8_class": int8_class(flags),
+            "runtime": runtime, "python": platform.python_version()}

@@ -20,7 +20,7 @@ from edgequee.meters import open_meter
 from edgequee.profiler import profile_bundle, throttle_warning
 from edgequee.sysinfo import cpu_temperature_c, parse_throttled
 
-SHIPPED = ("rpi4", "rpi5", "coral-usb-rpi4", "coral-usb-rpi5", "x86-host")
+SHIPPED = ("rpi4", "rpi5", "coral-usb-rpi4", "coral-usb-rpi5", "x86-host-avx2", "x86-host-vnni")
 
 
 # ------------------------------------------------------------------------------------------ descriptors
@@ -38,9 +38,39 @@ def test_shipped_descriptors_load_and_name_every_source() -> None:
     assert found["rpi4"].throughput_gmacs["int8"].value > found["rpi4"].throughput_gmacs["fp32"].value
     assert found["coral-usb-rpi4"].precisions == ("int8",) and found["coral-usb-rpi4"].host == "rpi4"
     assert found["coral-usb-rpi4"].io_mb_per_s is not None
+    # int8 pays with VNNI, not with AVX2 alone
+    vnni, avx2 = found["x86-host-vnni"].throughput_gmacs, found["x86-host-avx2"].throughput_gmacs
+    assert vnni["int8"].value > 3 * vnni["fp32"].value and avx2["int8"].value <= avx2["fp32"].value
     # round trip
     d = found["rpi5"]
     assert type(d).from_json(json.loads(json.dumps(d.to_json()))).to_json() == d.to_json()
+
+
+def test_x86_host_is_this_machines_isa_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgequee.sysinfo as sysinfo
+
+    assert sysinfo.int8_class(["avx2", "avx512_vnni"], "x86_64") == "x86-vnni"
+    assert sysinfo.int8_class(["avx2", "avx_vnni"], "x86_64") == "x86-vnni"
+    assert sysinfo.int8_class(["avx2"], "x86_64") == "x86-avx2"
+    assert sysinfo.int8_class(["asimddp"], "aarch64") == "arm-dotprod"
+    assert sysinfo.int8_class([], "aarch64") == "arm"
+    for cls, name in (("x86-vnni", "x86-host-vnni"), ("x86-avx2", "x86-host-avx2"), ("arm", "x86-host-avx2")):
+        monkeypatch.setattr(sysinfo, "int8_class", lambda *a, c=cls: c)
+        assert load_device("x86-host").name == name
+    info = sysinfo.machine_info()
+    assert {"processor", "cpu_flags", "int8_class", "runtime"} <= set(info)
+
+
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path: Path) -> None:
+    from edgequee.sysinfo import cpu_flags
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_flags(str(x86)) == ["avx2", "avx512f", "avx512_vnni"]
+    assert cpu_flags(str(arm)) == ["asimddp", "i8mm"]
+    assert cpu_flags(str(tmp_path / "missing")) == []
 
 
 def _write(tmp_path: Path, data: Any, name: str = "bad") -> Path:
@@ -189,10 +219,14 @@ def test_cost_model_uses_measurements_where_it_has_them(profiled: Any) -> None:
     prof = load_profile(profiled, "host")
     m = profiled.manifest
     cm = CostModel.for_bundle(profiled, "host", descriptor="x86-host")
+    once = prof["inference_overhead_ms"]
+    assert set(once) == set(m.whole_model) and all(v["value"] >= 0 for v in once.values())
     for b in prof["blocks"]:
         c = cm.block(b["block"], b["precision"])
-        gap = prof["runtime_overhead_ms"][b["precision"]]["value"]
-        assert c.latency_ms == pytest.approx(b["latency_ms"]["p50_ms"] + gap)
+        gap = prof["runtime_overhead_ms"][b["precision"]]
+        # the per-inference work (preprocessing, softmax) is priced once: in block 0, and in the whole model
+        first = gap["per_inference_ms"] if b["block"] == 0 else 0.0
+        assert c.latency_ms == pytest.approx(b["latency_ms"]["p50_ms"] + gap["value"] + first)
         assert c.latency_source.startswith("measured: profiles/host.json")
         scale = c.latency_ms / b["latency_ms"]["p50_ms"]
         assert c.energy_mj == pytest.approx(b["energy"]["net_mj_per_inference"] * scale)
@@ -203,7 +237,8 @@ def test_cost_model_uses_measurements_where_it_has_them(profiled: Any) -> None:
     assert cm.transition(1, "fp32", "fp16").latency_ms == 0  # float -> float: same input, nothing to convert
     assert cm.transition(0, "fp32", "int8").latency_ms == 0  # no boundary before the first block
     whole = cm.whole("fp32")
-    assert whole.latency_ms == prof["whole_model"]["fp32"]["latency_ms"]["p50_ms"]
+    assert whole.latency_ms == pytest.approx(prof["whole_model"]["fp32"]["latency_ms"]["p50_ms"] + once["fp32"]["value"])
+    assert prof["runtime_overhead_ms"]["fp32"]["per_inference_ms"] == once["fp32"]["value"]
     path = cm.path(["fp32"] + ["int8"] * (m.num_exits - 1))
     expected = sum(cm.block(i, "int8" if i else "fp32").latency_ms for i in range(m.num_exits))
     assert path.latency_ms == pytest.approx(expected + cm.transition(1, "fp32", "int8").latency_ms)
