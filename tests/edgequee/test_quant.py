@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgequee.bundle import InputSpec, QuantParams
-from edgequee.preprocess import make_lut, normalize
+from edgequee.preprocess import InputTable, make_lut, normalize
 from edgequee.quant import copy_boundary, dequantize, fold_dequantize_into_linear, quantize, requantize
 
 
@@ -100,3 +100,17 @@ def test_lut_matches_normalize_then_quantize() -> None:
     qlut = make_lut(spec, qp)
     assert qlut.dtype == np.int8
     np.testing.assert_array_equal(qlut[image, chan], quantize(normalize(image, spec), qp))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("qp", [None, QuantParams(0.0187, -14)])
+def test_input_table_fill_is_the_lookup(channels: int, qp: QuantParams | None) -> None:
+    """The flat-table fill (index = pixel + 256·channel, one take) gives exactly ``make_lut(...)[image, c]``."""
+    spec = InputSpec(5, 7, channels, mean=(0.4,) * channels, std=(0.25,) * channels)
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    table = InputTable(spec, qp)
+    dst = np.full((5, 7, channels), 99, table.table.dtype)
+    table.fill(dst, image)
+    np.testing.assert_array_equal(dst, table.table[image, np.arange(channels)])
+    expected = normalize(image, spec) if qp is None else quantize(normalize(image, spec), qp)
+    np.testing.assert_allclose(dst, expected, rtol=1e-6)
