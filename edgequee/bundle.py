@@ -274,6 +274,8 @@ class Certificate:
     data_fingerprint: str
     created: str
     edgequee_version: str
+    reference: str = "the policy at its safe knob"  # what the risk is measured against
+    compared: Mapping[str, Any] | None = None  # calibrate --policy auto: the candidates and how the winner was chosen
 
 
 @dataclass(frozen=True)

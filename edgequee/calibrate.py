@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
@@ -26,8 +27,11 @@ from .progress import Progress
 from .risk import loss_bound, sample_losses, scan
 from .runtime import EdgeRunner
 
-__all__ = ["compute_traces", "block_costs", "fingerprint", "KnobTable", "knob_table", "calibrate_bundle",
-           "store_calibrated"]
+__all__ = ["FP32_REFERENCE", "compute_traces", "reference_probs", "block_costs", "fingerprint", "KnobTable",
+           "knob_table", "calibrate_bundle", "calibrate_auto", "store_calibrated"]
+
+FP32_REFERENCE = "fp32 full model (every block at fp32, no early exit)"
+SAFE_REFERENCE = "the policy at its safe knob (no early exit)"
 
 
 def compute_traces(
@@ -91,6 +95,12 @@ class KnobTable:
     costs: np.ndarray
 
 
+def reference_probs(traces: Traces) -> np.ndarray | None:
+    """The risk reference: the fp32 full model's outputs (every block at fp32, the last exit), when traced."""
+    fp32 = traces.logits.get("fp32")
+    return None if fp32 is None else softmax(fp32[:, -1])
+
+
 def knob_table(
     policy: KnobPolicy,
     traces: Traces,
@@ -98,13 +108,16 @@ def knob_table(
     labels: np.ndarray | None,
     risk: str,
     on: str,
+    reference: np.ndarray | None = None,
 ) -> KnobTable:
-    """Evaluate ``policy`` at every knob of its grid on the traces; losses are relative to the safe knob's outputs."""
+    """Evaluate ``policy`` at every knob of its grid on the traces; losses are relative to ``reference`` (the full
+    model's probabilities; default: the policy's own safe knob). With the fp32 full model as reference, a reduced
+    precision's own error counts against ε."""
     missing = [p for p in policy.precisions if p not in block_cost]
     if missing:
         raise BundleError(f"no cost for precision {', '.join(missing)} (profile the bundle at it, or omit --device)")
     knobs = policy.knob_grid()
-    full = softmax(policy.exits_for_knob(traces, knobs[0], block_cost).logits)
+    full = softmax(policy.exits_for_knob(traces, knobs[0], block_cost).logits) if reference is None else reference
     losses, costs = [], []
     for k in knobs:
         d = policy.exits_for_knob(traces, k, block_cost)
@@ -118,7 +131,7 @@ def calibrate_bundle(
     images: np.ndarray,
     labels: np.ndarray | None,
     *,
-    policy: str = "threshold",
+    policy: str = "auto",
     params: Mapping[str, Any] | None = None,
     risk: str = "gap",
     on: str = "predictions",
@@ -142,13 +155,14 @@ def calibrate_bundle(
     Without labels only the consistency risk can be controlled (the full model's predictions are the reference).
     Returns a JSON-ready report: the selection, the certificate and the stored policy spec.
     """
-    if labels is None and risk == "gap":
-        raise DataError("the gap risk needs labels: calibrate unlabeled images with --risk consistency, "
-                        "or pass labelled --data")
-    if labels is not None and len(labels) != len(images):
-        raise DataError(f"{len(images)} images but {len(labels)} labels")
-    if len(images) == 0:
-        raise DataError("no calibration images")
+    _check_calibration_data(images, labels, risk)
+    if policy == "auto":
+        if params:
+            raise DataError("--policy auto chooses the policy and its precision itself; for a given one use "
+                            "--policy threshold --precision P (or --policy quee)")
+        return calibrate_auto(bundle, images, labels, risk=risk, on=on, epsilon=epsilon, delta=delta, method=method,
+                              device=device, objective=objective, augment=augment, num_threads=num_threads,
+                              write=write, progress=progress)
     current = bundle.policy()  # a stored policy of this name (e.g. a trained gate) is the starting point
     spec = current if current is not None and current.name == policy else StoredPolicy(policy, {})
     base = from_stored(dataclasses.replace(spec, params={**spec.params, **dict(params or {})}))
@@ -164,8 +178,11 @@ def calibrate_bundle(
         base, traces, images, labels = prepare(bundle, images, labels, device=device, objective=objective,
                                                num_threads=num_threads, progress=progress, **extra)
     else:
-        traces = compute_traces(bundle, images, base.precisions, num_threads=num_threads, progress=progress)
-    table = knob_table(base, traces, cost, labels, risk, on)
+        with_reference = [*base.precisions, *(["fp32"] if "fp32" in bundle.manifest.precisions else [])]
+        traces = compute_traces(bundle, images, list(dict.fromkeys(with_reference)), num_threads=num_threads,
+                                progress=progress)
+    reference = reference_probs(traces)
+    table = knob_table(base, traces, cost, labels, risk, on, reference)
     sel = scan(table.knobs, table.losses, table.costs, epsilon=epsilon, delta=delta, method=method,
                bound=loss_bound(on))
     tuned = from_stored(dataclasses.replace(to_stored(base), params={**base.params(), base.knob: sel.knob}))
@@ -178,12 +195,216 @@ def calibrate_bundle(
         n_cal=sel.n_cal, knob=base.knob, knob_value=tuned.params()[base.knob], empirical_risk=sel.empirical_risk,
         bound=sel.bound, expected_saving=sel.saving, cost=cost_name, feasible=sel.feasible,
         data_fingerprint=data_fp, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        edgequee_version=__version__,
+        edgequee_version=__version__, reference=FP32_REFERENCE if reference is not None else SAFE_REFERENCE,
     )
     calibration = {"data_fingerprint": data_fp, "n_cal": sel.n_cal, "labels": labels is not None,
                    "device": device, "objective": cost_name}
     stored = to_stored(tuned, calibration=calibration, certificate=certificate)
-    selection = dataclasses.asdict(sel) | {"knob": certificate.knob_value, "grid_size": len(table.knobs)}
+    versus = None
+    if device is not None:
+        latency_cm = CostModel.for_bundle(bundle, device, objective="latency")
+        versus = versus_best_whole(bundle, latency_cm, images, labels,
+                                   expected_latency_ms(tuned, traces, latency_cm), num_threads=num_threads)  # type: ignore[arg-type]
+    selection = dataclasses.asdict(sel) | {"knob": certificate.knob_value, "grid_size": len(table.knobs),
+                                           "versus_best_whole": versus}
+    return store_calibrated(bundle, stored, selection, write)
+
+
+def _check_calibration_data(images: np.ndarray, labels: np.ndarray | None, risk: str) -> None:
+    if labels is None and risk == "gap":
+        raise DataError("the gap risk needs labels: calibrate unlabeled images with --risk consistency, "
+                        "or pass labelled --data")
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError("no calibration images")
+
+
+def _subset(traces: Traces, rows: np.ndarray) -> Traces:
+    return Traces({p: a[rows] for p, a in traces.logits.items()})
+
+
+def _device_name(bundle: Bundle, device: str | None) -> str:
+    """``device``, else the bundle's only profile: auto compares policies by what they cost on one device."""
+    if device is not None:
+        return device
+    profiles = sorted(bundle.profiles_dir.glob("*.json")) if bundle.profiles_dir.is_dir() else []
+    if len(profiles) != 1:
+        raise DataError("--policy auto picks the cheapest certified policy on a device: give --device (a profile in "
+                        "BUNDLE/profiles, made by edgequee profile, or a descriptor such as rpi4)")
+    return profiles[0].stem
+
+
+def _with_knob(policy: KnobPolicy, value: float) -> KnobPolicy:
+    """``policy`` rebuilt with its knob at ``value`` (learned arrays kept)."""
+    return from_stored(dataclasses.replace(to_stored(policy), params={**policy.params(), policy.knob: value}))  # type: ignore[return-value]
+
+
+def expected_latency_ms(policy: KnobPolicy, traces: Traces, latency_cm: CostModel) -> float:
+    """Mean latency per image of ``policy`` (at its knob) on ``traces``, priced by a latency cost model; quee's
+    paths include their hand-overs."""
+    from .quee import QueePolicy, cost_arrays, path_costs
+
+    if isinstance(policy, QueePolicy):
+        return float(path_costs(policy.simulate(traces), *cost_arrays(latency_cm, policy.precisions)).mean())
+    n = latency_cm.manifest.num_exits
+    lat = {p: np.array([latency_cm.block(i, p).latency_ms for i in range(n)]) for p in policy.precisions}
+    return float(policy.exits_for_knob(traces, getattr(policy, policy.knob), lat).cost.mean())
+
+
+def versus_best_whole(bundle: Bundle, latency_cm: CostModel, images: np.ndarray, labels: np.ndarray | None,
+                      expected_ms: float, *, num_threads: int = 1) -> dict[str, Any] | None:
+    """The best whole model on the cost model's device (``bench.best_whole``: accuracy on ``images``, latency
+    priced) and a policy's expected latency as a ratio to it; warns when the policy is not faster. None without
+    labels or whole models."""
+    from .bench import best_whole
+    from .runtime import WholeModelRunner
+
+    have = [p for p in bundle.manifest.whole_model if p in latency_cm.precisions()]
+    if labels is None or not have:
+        return None
+    whole = {}
+    for p in have:
+        logits = WholeModelRunner(bundle, p, num_threads=num_threads).logits(images)
+        whole[p] = {"accuracy": float((logits.argmax(1) == labels).mean()), "latency_ms": latency_cm.whole(p).latency_ms}
+    best = best_whole(whole)
+    ratio = expected_ms / best["latency_ms"]
+    out = {"best_whole": best, "whole_model": whole, "expected_latency_ms": expected_ms, "ratio": ratio,
+           "device": latency_cm.name}
+    if ratio >= 1:
+        out["warning"] = (f"the calibrated policy is expected at {expected_ms:.4g} ms on {latency_cm.name}, "
+                          f"{ratio:.2f} × the whole {best['precision']} model ({best['latency_ms']:.4g} ms, "
+                          f"{100 * best['accuracy']:.2f} %): ship the whole model, or calibrate with --policy auto, "
+                          "more data or a larger ε")
+        warnings.warn(out["warning"], stacklevel=3)
+    return out
+
+
+def calibrate_auto(
+    bundle: Bundle,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    risk: str = "gap",
+    on: str = "predictions",
+    epsilon: float,
+    delta: float = 0.1,
+    method: str = "ucb-wsr",
+    device: str | None = None,
+    objective: str = "latency",
+    augment: int | None = None,
+    num_threads: int = 1,
+    write: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The cheapest policy on ``device`` that passes the risk test: nothing about precision is fixed in advance.
+
+    Candidates: a max-softmax threshold at every precision the device makes worth running (``quee.choose_precisions``:
+    fp32, and each reduced precision whose whole network costs ≥ 5 % less there), and QuEE over its path class
+    (with labels). The images are split at random in two halves. On the **selection** half each candidate's knob is
+    chosen by the requested risk test (QuEE fits its predictors on half of that half and chooses λ on the rest)
+    and its expected cost there is measured with the device's cost model; the cheapest feasible candidate wins.
+    Only the winner is then calibrated on the **certification** half, which no choice has seen, so its certificate
+    is exactly the method's guarantee (choosing among candidates on the certification data itself would need a
+    union bound over them). The risk reference is the fp32 full model throughout, so a reduced precision's own
+    error counts against ε. The certificate's ``compared`` records every candidate and the best whole model (the
+    cheapest whole model within 0.5 pt of fp32, ``bench.best_whole``; accuracy on the selection half, latency from
+    the cost model) and the certified policy's expected latency as a ratio to it; it warns when that is ≥ 1.
+    """
+    from .quee import QueePolicy, choose_precisions, cost_arrays, path_costs, trace_paths
+
+    _check_calibration_data(images, labels, risk)
+    if len(images) < 4:
+        raise DataError(f"--policy auto splits the calibration images into a selection and a certification half; "
+                        f"{len(images)} are too few (give hundreds)")
+    device = _device_name(bundle, device)
+    cm = CostModel.for_bundle(bundle, device, objective=objective)
+    cost_name, cost = block_costs(bundle, device, objective)
+    latency_cm = cm if objective == "latency" else CostModel.for_bundle(bundle, device, objective="latency")
+    precisions = choose_precisions(cm)
+    perm = np.random.default_rng(seed).permutation(len(images))
+    half = len(images) // 2
+    sel, cert = np.sort(perm[:half]), np.sort(perm[half:])
+    lab = (lambda rows: None) if labels is None else (lambda rows: labels[rows])  # noqa: E731
+    traced = list(dict.fromkeys([*precisions, *(["fp32"] if "fp32" in bundle.manifest.precisions else [])]))
+    const = compute_traces(bundle, images, traced, num_threads=num_threads, progress=progress)
+    sel_traces, cert_traces = _subset(const, sel), _subset(const, cert)
+
+    def evaluate(pol: Any, traces: Traces, y: np.ndarray | None) -> tuple[Any, KnobTable]:
+        table = knob_table(pol, traces, cost, y, risk, on, reference_probs(traces))
+        return scan(table.knobs, table.losses, table.costs, epsilon=epsilon, delta=delta, method=method,
+                    bound=loss_bound(on)), table
+
+    candidates: list[dict[str, Any]] = []
+    policies: dict[str, Any] = {}
+    for p in precisions:
+        pol = ThresholdPolicy(p)
+        s, table = evaluate(pol, sel_traces, lab(sel))
+        name = f"threshold {p}"
+        policies[name] = pol
+        candidates.append({"candidate": name, "policy": "threshold", "precisions": [p], "knob": s.knob,
+                           "feasible": s.feasible, "n": s.n_cal, "empirical_risk": s.empirical_risk,
+                           "expected_cost": float(table.costs[s.index].mean()),
+                           "expected_latency_ms": expected_latency_ms(_with_knob(pol, s.knob), sel_traces,
+                                                                      latency_cm)})
+    if labels is None:
+        candidates.append({"candidate": "quee", "policy": "quee", "skipped": "quee learns error probabilities "
+                                                                            "from labels; none given"})
+    else:
+        try:
+            extra = {} if augment is None else {"augment": augment}
+            fitted, q_traces, _, q_labels = QueePolicy().prepare(bundle, images[sel], labels[sel], device=device,
+                                                                 objective=objective, num_threads=num_threads,
+                                                                 progress=progress, **extra)
+            s, table = evaluate(fitted, q_traces, q_labels)
+            at_knob = fitted.with_lam(s.knob)
+            policies["quee"] = fitted
+            candidates.append({"candidate": "quee", "policy": "quee", "precisions": list(fitted.precisions),
+                               "knob": s.knob, "feasible": s.feasible, "n": s.n_cal,
+                               "empirical_risk": s.empirical_risk,  # cost with hand-overs, as the choice needs
+                               "expected_cost": float(path_costs(at_knob.simulate(q_traces),
+                                                                 *cost_arrays(cm, fitted.precisions)).mean()),
+                               "expected_latency_ms": expected_latency_ms(at_knob, q_traces, latency_cm)})
+        except EdgequeeError as e:
+            candidates.append({"candidate": "quee", "policy": "quee", "skipped": str(e)})
+    feasible = [c for c in candidates if c.get("feasible")]
+    pool = feasible or [c for c in candidates if "skipped" not in c][:1]  # the first: fp32 when the bundle has it
+    winner = min(pool, key=lambda c: c["expected_cost"])
+    message = (f"{winner['candidate']} is the cheapest of {len(feasible)} feasible candidate(s) on the selection "
+               f"half ({winner['expected_latency_ms']:.4g} ms expected on {device})" if feasible else
+               f"no candidate passes {method} at ε={epsilon:g} on the selection half: keeping the fp32 full model")
+
+    # the winner, calibrated afresh on the certification half
+    chosen = policies[winner["candidate"]]
+    y_cert = lab(cert)
+    if isinstance(chosen, QueePolicy):
+        cert_traces = trace_paths(bundle, images[cert], chosen.precisions, num_threads=num_threads,
+                                  progress=progress, label="certification path traces")
+    s, table = evaluate(chosen, cert_traces, y_cert)
+    tuned = _with_knob(chosen, s.knob)
+    certified_ms = expected_latency_ms(tuned, cert_traces, latency_cm)
+    versus = versus_best_whole(bundle, latency_cm, images[sel], lab(sel), certified_ms, num_threads=num_threads)
+    compared = {"rule": "each candidate's knob by the risk test on the selection half, its expected cost there; "
+                        "the cheapest feasible one is calibrated afresh on the certification half",
+                "n_select": int(len(sel)), "n_certify": int(len(cert)), "device": device, "objective": cost_name,
+                "candidates": candidates, "winner": winner["candidate"], "message": message,
+                "certified_expected_latency_ms": certified_ms,
+                "best_whole": None if versus is None else versus["best_whole"],
+                "certified_vs_best_whole": None if versus is None else versus["ratio"]}
+    data_fp = fingerprint(images[cert], y_cert)
+    certificate = Certificate(
+        risk=risk, on=on, epsilon=s.epsilon, delta=s.delta, method=method, guarantee=s.guarantee, n_cal=s.n_cal,
+        knob=chosen.knob, knob_value=tuned.params()[chosen.knob], empirical_risk=s.empirical_risk, bound=s.bound,
+        expected_saving=s.saving, cost=cost_name, feasible=s.feasible, data_fingerprint=data_fp,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), edgequee_version=__version__,
+        reference=FP32_REFERENCE if reference_probs(cert_traces) is not None else SAFE_REFERENCE, compared=compared,
+    )
+    calibration = {"data_fingerprint": data_fp, "n_cal": s.n_cal, "labels": labels is not None, "device": device,
+                   "objective": cost_name, "policy": "auto"}
+    stored = to_stored(tuned, calibration=calibration, certificate=certificate)
+    selection = dataclasses.asdict(s) | {"knob": certificate.knob_value, "grid_size": len(table.knobs),
+                                         "auto": compared, "versus_best_whole": versus}
     return store_calibrated(bundle, stored, selection, write)
 
 

@@ -271,7 +271,8 @@ def convert(model: str, out: str, precisions: tuple[str, ...], calib: str, calib
 @json_option
 @_errors
 def quickstart(out: str, threads: int, json_out: str | None) -> None:
-    """The shipped ResNet-20 with exits, end to end: convert → profile → bench, on shipped CIFAR-10 images."""
+    """The shipped ResNet-20 with exits, end to end on shipped CIFAR-10 images: convert → profile → calibrate
+    (auto: the cheapest certified policy on this machine) → bench against the best whole model."""
     from converters.quickstart import run_quickstart
 
     with _progress("quickstart") as cb:
@@ -416,6 +417,8 @@ def cost(bundle: str, device_names: str, objective: str, estimate_only: bool, js
 @click.option("--latency-samples", default=500, show_default=True, type=click.IntRange(min=1), help="Images timed in the runtime loop per policy.")
 @click.option("--precisions", default=None, callback=lambda c, p, v: _precisions(v) if v else None)
 @click.option("--thresholds", default=None, help="Comma-separated max-softmax thresholds (inf = no early exit).")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Interleaved timing rounds over every policy and whole model; each point's median round is kept.")
 @threads_option
 @json_option
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write an accuracy–latency plot (PNG).")
@@ -423,7 +426,7 @@ def cost(bundle: str, device_names: str, objective: str, estimate_only: bool, js
               help="Write a self-contained HTML report (DIR/index.html): Pareto plots, exits, costs, certificate.")
 @_errors
 def bench(bundle: str, data: str, n_images: int | None, latency_samples: int, precisions: tuple[str, ...] | None,
-          thresholds: str | None, threads: int, json_out: str | None, plot: str | None,
+          thresholds: str | None, rounds: int, threads: int, json_out: str | None, plot: str | None,
           report_dir: str | None) -> None:
     """Accuracy, measured latency and exit histogram of threshold policies vs the whole model."""
     from .bench import DEFAULT_THRESHOLDS, bench_bundle
@@ -436,7 +439,8 @@ def bench(bundle: str, data: str, n_images: int | None, latency_samples: int, pr
     ts = tuple(float(t) for t in thresholds.split(",")) if thresholds else DEFAULT_THRESHOLDS
     with _progress("benchmarking") as cb:
         report = bench_bundle(b, ds.x_test, ds.y_test, precisions=precisions, thresholds=ts, num_threads=threads,
-                              latency_samples=latency_samples, progress=cb, policy=policy_from_bundle(b))
+                              latency_samples=latency_samples, rounds=rounds, progress=cb,
+                              policy=policy_from_bundle(b))
     if plot:
         from .report import plot_bench
 
@@ -549,8 +553,9 @@ def camera(bundle: str, source: str, headless: bool, out: str | None, record: st
 @click.option("--data", help="Labelled calibration images: .npz (its test split), image folder or torchvision:NAME.")
 @click.option("--unlabeled", help="Unlabeled images (folder or .npz) instead of --data: consistency risk against "
                                   "the full model's predictions.")
-@click.option("--policy", "policy_name", default="threshold", show_default=True,
-              help="A registered policy with a scalar knob.")
+@click.option("--policy", "policy_name", default="auto", show_default=True,
+              help="auto: the cheapest on --device of a max-softmax threshold at each precision and quee that passes "
+                   "the risk test; or a registered policy with a scalar knob (threshold, quee, jei).")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="The threshold policy's precision  [default: fp32]")
 @click.option("--risk", type=click.Choice(RISKS), help="gap needs labels  [default: gap; consistency with --unlabeled]")
 @click.option("--on", "on", default="predictions", show_default=True, type=click.Choice(TARGETS),
@@ -606,9 +611,10 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
         images, labels = np.stack(found), None
     direct = [o for o, v in (("--lam", lam), ("--target-accuracy", target_accuracy), ("--budget-ms", budget_ms))
               if v is not None]
-    if precision and policy_name == "quee":
-        raise DataError("--precision is the threshold policy's; quee picks its precisions from the device's costs")
-    if augment is not None and policy_name != "quee":
+    if precision and policy_name in ("quee", "auto"):
+        raise DataError(f"--precision is the threshold policy's; {policy_name} picks precisions from the device's "
+                        "costs (for a fixed one: --policy threshold --precision P)")
+    if augment is not None and policy_name not in ("quee", "auto"):
         raise DataError("--augment enlarges the data quee's predictors are fitted on; drop it for " + policy_name)
     if direct and (policy_name != "quee" or len(direct) > 1 or epsilon is not None):
         raise DataError(f"{', '.join(direct)}: choose quee's λ one way (only with --policy quee, without --epsilon)")

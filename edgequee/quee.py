@@ -754,17 +754,18 @@ def calibrate_quee(
     """Fit quee and choose λ directly (no risk control, no certificate): ``lam`` as given, the cheapest λ of the
     grid whose accuracy on the held-out calibration traces is ≥ ``target_accuracy``, or the most accurate λ whose
     mean latency there (the device's latency cost model) is ≤ ``budget_ms``. Returns a JSON-ready report."""
-    from .calibrate import fingerprint, store_calibrated
+    from .calibrate import fingerprint, store_calibrated, versus_best_whole
     from .cost import CostModel
     from .policies import to_stored
 
     if sum(v is not None for v in (lam, target_accuracy, budget_ms)) != 1:
         raise DataError("give exactly one of lam, target_accuracy, budget_ms")
-    fitted, traces, _, rest_labels = QueePolicy().prepare(
+    fitted, traces, rest_images, rest_labels = QueePolicy().prepare(
         bundle, images, labels, device=device, objective=objective, precisions=precisions, augment=augment,
         num_threads=num_threads, progress=progress)
     grid = fitted.knob_grid() if lam is None else np.array([lam])
-    lat_block, lat_trans = cost_arrays(CostModel.for_bundle(bundle, device, objective="latency"), fitted.precisions)
+    latency_cm = CostModel.for_bundle(bundle, device, objective="latency")
+    lat_block, lat_trans = cost_arrays(latency_cm, fitted.precisions)
     acc, ms = [], []
     for k in grid:
         d = fitted.with_lam(float(k)).simulate(traces)
@@ -789,6 +790,9 @@ def calibrate_quee(
     data_fp = fingerprint(images, labels)
     calibration = {"data_fingerprint": data_fp, "n_cal": int(len(images)), "n_select": int(len(rest_labels)),
                    "labels": True, "device": device, "objective": objective, "selection": message}
+    versus = versus_best_whole(bundle, latency_cm, rest_images, rest_labels, float(ms_a[index]),
+                               num_threads=num_threads)
     selection = {"index": index, "grid_size": len(grid), "knob": float(grid[index]), "message": message,
-                 "accuracy": float(acc_a[index]), "mean_latency_ms": float(ms_a[index]), "risk_control": False}
+                 "accuracy": float(acc_a[index]), "mean_latency_ms": float(ms_a[index]), "risk_control": False,
+                 "versus_best_whole": versus}
     return store_calibrated(bundle, to_stored(chosen, calibration=calibration), selection, write)

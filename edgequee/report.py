@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .devices import DeviceDescriptor
 
 __all__ = ["table", "inspect_text", "profile_table", "devices_table", "device_text", "cost_table", "bench_table",
-           "quickstart_text", "plot_bench", "policy_text", "calibrate_text"]
+           "quickstart_text", "certified_line", "plot_bench", "policy_text", "calibrate_text"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -92,7 +92,7 @@ def policy_text(stored: StoredPolicy) -> str:
         f"certificate: {c.risk} risk on {c.on} ≤ ε={c.epsilon:g}{level} by {c.method}: {c.guarantee}{status}",
         f"  {c.knob}={c.knob_value} from {c.n_cal} calibration images: empirical risk {c.empirical_risk:.4g}, "
         f"tested statistic {bound}, expected saving {100 * c.expected_saving:.1f} % ({c.cost})",
-        f"  data {c.data_fingerprint[:19]}…, {c.created}, edgequee {c.edgequee_version}",
+        f"  risk against the {c.reference}; data {c.data_fingerprint[:19]}…, {c.created}, edgequee {c.edgequee_version}",
     ]
     return "\n".join(lines)
 
@@ -100,8 +100,27 @@ def policy_text(stored: StoredPolicy) -> str:
 def calibrate_text(report: dict[str, Any]) -> str:
     """What edgequee calibrate chose and wrote (``calibrate.calibrate_bundle``'s report)."""
     sel = report["selection"]
-    lines = [f"searched {sel['grid_size']} settings from the safe end; chose setting {sel['index'] + 1}: {sel['message']}",
-             policy_text(StoredPolicy.from_json(report["policy"]))]
+    lines = []
+    auto = sel.get("auto")
+    if auto:
+        rows = [[c["candidate"], "/".join(c.get("precisions", [])) or "-", "skipped: " + c["skipped"][:70]
+                 if "skipped" in c else ("yes" if c["feasible"] else "no"),
+                 "-" if "skipped" in c else f"{c['knob']:.4g}", "-" if "skipped" in c else f"{c['expected_latency_ms']:.4g}"]
+                for c in auto["candidates"]]
+        lines.append(f"auto on {auto['device']}: {auto['n_select']} images choose among the candidates, "
+                     f"{auto['n_certify']} others certify the winner")
+        lines.append(table(["candidate", "precisions", "passes", "knob", "expected ms"], rows))
+        lines.append(auto["message"])
+    lines += [f"searched {sel['grid_size']} settings from the safe end; chose setting {sel['index'] + 1}: {sel['message']}",
+              policy_text(StoredPolicy.from_json(report["policy"]))]
+    versus = sel.get("versus_best_whole")
+    if versus:
+        best = versus["best_whole"]
+        lines.append(f"best whole model on {versus['device']}: {best['precision']} ({_pct(best['accuracy'])} % on the "
+                     f"calibration images, {best['latency_ms']:.4g} ms); the calibrated policy is expected at "
+                     f"{versus['expected_latency_ms']:.4g} ms = {versus['ratio']:.3f} × it")
+        if "warning" in versus:
+            lines.append("WARNING: " + versus["warning"])
     lines.append(f"wrote {report['policy_file']} into {report['bundle']}" if report["written"] else "not written")
     return "\n".join(lines)
 
@@ -184,14 +203,27 @@ def cost_table(models: Sequence[CostModel]) -> str:
 
 
 def bench_table(report: dict[str, Any]) -> str:
-    lines = [f"{report['model']}: {report['n_images']} images, latency from {report['latency_samples']} per policy, "
-             f"{report['threads']} thread(s)"]
-    rows = [[f"whole {p}", "-", _pct(w["accuracy"]), w["latency_ms"], "-"] for p, w in report["whole_model"].items()]
+    machine = report.get("machine", {})
+    lines = [f"{report['model']}: {report['n_images']} images, latency from {report['latency_samples']} per policy "
+             f"in {report.get('rounds', 1)} interleaved round(s), {report['threads']} thread(s)"
+             + (f", {machine['processor']} ({machine['int8_class']}: {' '.join(machine['cpu_flags']) or 'no int8 flags'})"
+                if machine else "")]
+    best = report.get("best_whole")
+    base = best["latency_ms"] if best else None
+
+    def ratio(ms: float) -> str:
+        return "-" if base is None else f"{ms / base:.3f}"
+
+    rows = [[f"whole {p}", "-", _pct(w["accuracy"]), w["latency_ms"], ratio(w["latency_ms"]), "-"]
+            for p, w in report["whole_model"].items()]
     for pol in report["policies"]:
         t = pol["threshold"]
         rows.append([f"{pol['name']} {pol['precision']}", "inf" if t is None else t, _pct(pol["accuracy"]),
-                     pol["mean_latency_ms"], " ".join(map(str, pol["exit_histogram"]))])
-    lines.append(table(["policy", "threshold", "acc %", "latency ms", "exits taken (per exit)"], rows))
+                     pol["mean_latency_ms"], ratio(pol["mean_latency_ms"]), " ".join(map(str, pol["exit_histogram"]))])
+    lines.append(table(["policy", "threshold", "acc %", "latency ms", "÷ best whole", "exits taken (per exit)"], rows))
+    if best:
+        lines.append(f"best whole model here: {best['precision']} ({_pct(best['accuracy'])} %, {best['latency_ms']:.4g} ms;"
+                     f" {best['rule']})")
     if report.get("split_overhead"):
         lines.append("split overhead (runtime loop, no early exit ÷ whole model): "
                      + ", ".join(f"{p} {v:.3f}" for p, v in report["split_overhead"].items()))
@@ -212,8 +244,18 @@ def quickstart_text(report: dict[str, Any]) -> str:
         calibrate_text(report["calibration"]),
         "",
         bench_table(report["bench"]),
+        "",
+        certified_line(report),
     ]
     return "\n".join(parts)
+
+
+def certified_line(report: dict[str, Any]) -> str:
+    """The quickstart's verdict, measured in its bench: the certified policy against the best whole model."""
+    c, b = report["certified"], report["best_whole"]
+    return (f"certified policy: {c['latency_ms']:.3f} ms vs best whole model ({b['precision']}): "
+            f"{b['latency_ms']:.3f} ms → {b['latency_ms'] / c['latency_ms']:.2f} × faster, accuracy "
+            f"{_pct(c['accuracy'])} % vs {_pct(b['accuracy'])} %")
 
 
 def plot_bench(report: dict[str, Any], path: Path) -> None:

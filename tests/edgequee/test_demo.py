@@ -269,8 +269,8 @@ def test_html_report_shows_the_certificate(cv2: ModuleType, require: Callable[..
     from edgequee.calibrate import calibrate_bundle
     from edgequee.html_report import write_html_report
 
-    calibrate_bundle(load_bundle(bundle_copy), sample.x_test[:300], sample.y_test[:300], risk="gap", epsilon=0.05,
-                     method="crc")
+    calibrate_bundle(load_bundle(bundle_copy), sample.x_test[:300], sample.y_test[:300], policy="threshold",
+                     risk="gap", epsilon=0.05, method="crc")
     bundle = load_bundle(bundle_copy)
     report = bench_bundle(bundle, sample.x_test[300:330], sample.y_test[300:330], precisions=("fp32",),
                           thresholds=(0.9,), latency_samples=2)

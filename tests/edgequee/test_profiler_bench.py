@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgequee.bench import bench_bundle, exits_for_threshold
+from edgequee.bench import best_whole, bench_bundle, exits_for_threshold, measure_interleaved
 from edgequee.bundle import load_bundle
+from edgequee.errors import DataError, InternalError
+from edgequee.policies import ThresholdPolicy
+from edgequee.runtime import EdgeRunner
 from edgequee.profiler import PROFILE_FORMAT, measure_latency, profile_bundle, undisturbed_passes
 
 
@@ -120,6 +123,42 @@ def test_bench_bundle_report(converted, sample) -> None:
             assert pol["exit_histogram"][-1] == n
             assert pol["accuracy"] == report["exit_accuracy"][pol["precision"]][-1]
     assert {pol["threshold"] for pol in report["policies"]} == {0.0, 0.5, None}
+    # the yardstick: the best whole model measured in the same run, every policy as a ratio to it
+    best = report["best_whole"]
+    assert best == {**best_whole(report["whole_model"]), "rule": best["rule"]}
+    for pol in report["policies"]:
+        assert pol["latency_vs_best_whole"] == pytest.approx(pol["mean_latency_ms"] / best["latency_ms"])
+    assert report["rounds"] == 3 and {"processor", "cpu_flags", "int8_class", "runtime"} <= set(report["machine"])
+
+
+def test_best_whole_is_the_cheapest_within_half_a_point_of_fp32() -> None:
+    whole = {"fp32": {"accuracy": 0.850, "latency_ms": 3.3}, "int8": {"accuracy": 0.846, "latency_ms": 0.8}}
+    assert best_whole(whole)["precision"] == "int8"  # 0.4 pt below fp32: what a user would ship
+    whole["int8"]["accuracy"] = 0.844
+    assert best_whole(whole)["precision"] == "fp32"  # 0.6 pt below: int8 costs too much accuracy
+    whole["int8"] = {"accuracy": 0.86, "latency_ms": 4.0}
+    assert best_whole(whole)["precision"] == "fp32"  # more accurate but slower
+    assert best_whole({"fp16": {"accuracy": 0.8, "latency_ms": 1.0}})["precision"] == "fp16"
+    with pytest.raises(DataError, match="no whole-model"):
+        best_whole({})
+
+
+@pytest.mark.slow
+def test_measure_interleaved_checks_the_runtime_answers(converted, sample) -> None:
+    bundle = load_bundle(converted.path)
+    images = sample.x_test[:5]
+    policy = ThresholdPolicy("int8", 0.5)
+    runner = EdgeRunner(bundle, policy)
+    expected = np.array([(r.exit_index, r.class_id) for r in map(runner.classify, images)])
+    seen: list[str] = []
+    got = measure_interleaved(bundle, {"p": (policy, expected), "w": ("int8", None)}, images, rounds=2,
+                              progress=seen.append)
+    assert set(got) == {"p", "w"} and all(v > 0 for v in got.values())
+    assert seen == ["p (round 1/2)", "w (round 1/2)", "p (round 2/2)", "w (round 2/2)"]
+    wrong = expected.copy()
+    wrong[0, 1] = (wrong[0, 1] + 1) % 10
+    with pytest.raises(InternalError, match="disagree"):
+        measure_interleaved(bundle, {"p": (policy, wrong)}, images, rounds=1)
 
 
 @pytest.mark.slow

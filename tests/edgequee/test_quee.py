@@ -301,8 +301,9 @@ def test_calibrate_quee_option_errors(bundle_copy: Path) -> None:
         (["--policy", "quee", "--lam", "0.1", "--budget-ms", "2"], "one way"),
         (["--policy", "quee"], "--epsilon .*or --lam"),
         (["--policy", "quee", "--lam", "0.1"], "needs labelled --data and a --device"),
-        (["--policy", "quee", "--precision", "int8", "--epsilon", "0.1"], "quee picks its precisions"),
-        (["--augment", "2", "--epsilon", "0.1"], "drop it for threshold"),
+        (["--policy", "quee", "--precision", "int8", "--epsilon", "0.1"], "quee picks precisions"),
+        (["--precision", "int8", "--epsilon", "0.1"], "auto picks precisions"),
+        (["--policy", "threshold", "--augment", "2", "--epsilon", "0.1"], "drop it for threshold"),
     ]
     for extra, message in cases:
         result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "30", *extra)

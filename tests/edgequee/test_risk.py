@@ -354,8 +354,8 @@ def _error_line(result: Result) -> str:
 @pytest.mark.slow
 def test_calibrate_then_inspect_run_bench(bundle_copy: Path, tmp_path: Path, sample) -> None:
     out = tmp_path / "cal.json"
-    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--epsilon", "0.05", "--method", "crc",
-                     "--json", out)
+    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "1000", "--policy", "threshold",
+                     "--epsilon", "0.05", "--method", "crc", "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     cert = report["policy"]["certificate"]
@@ -395,7 +395,7 @@ def test_calibrate_unlabeled(bundle_copy: Path, tmp_path: Path, sample) -> None:
     assert "exactly one of them" in _error_line(
         _invoke("calibrate", bundle_copy, "--unlabeled", npz, "--data", SAMPLE_NPZ, "--epsilon", "0.1"))
     result = _invoke("calibrate", bundle_copy, "--unlabeled", npz, "--epsilon", "0.1", "--method", "ucb-hb",
-                     "--precision", "int8", "--json", "-")
+                     "--policy", "threshold", "--precision", "int8", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     cert = report["policy"]["certificate"]
@@ -407,7 +407,7 @@ def test_calibrate_unlabeled(bundle_copy: Path, tmp_path: Path, sample) -> None:
 @pytest.mark.slow
 def test_calibrate_infeasible_keeps_the_safest_setting(bundle_copy: Path) -> None:
     result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "50", "--epsilon", "0.01",
-                     "--method", "ltt")
+                     "--method", "ltt", "--policy", "threshold")
     assert result.exit_code == 0, result.output
     assert "keeping the safest setting" in result.stdout and "NO KNOB PASSED" in result.stdout
     stored = load_bundle(bundle_copy).policy()
