@@ -13,10 +13,8 @@
 
     python benchmarks/profile_repeatability.py --json benchmarks/results/profile_repeatability.json
 
-Without --bundle it uses runs/resnet56.bundle, converting it first when missing: ResNet-56 (akamaster weights
-from ../shared/models) with an exit after every 3 residual blocks, the exit heads of
-runs/resnet56_every3_pool.pt when present (else untrained pool heads: same graphs, same latency), int8
-calibrated on the shipped CIFAR-10 sample. Timing wants a quiet machine: nothing else running.
+Without --bundle it uses runs/resnet56.bundle, made first when missing (benchmarks/_artifacts.py: ResNet-56,
+akamaster weights from --models, an exit after every 3 residual blocks, trained pool exit heads). Timing wants a quiet machine: nothing else running.
 """
 
 from __future__ import annotations
@@ -34,13 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _artifacts import resnet56_bundle  # noqa: E402
 from edgequee.bundle import Bundle, json_default, load_bundle, write_json_atomic  # noqa: E402
 from edgequee.cost import CostModel  # noqa: E402
 from edgequee.devices import calibrate_descriptor, load_device  # noqa: E402
 from edgequee.profiler import profile_bundle  # noqa: E402
 from edgequee.report import cost_table, profile_table, table  # noqa: E402
 
-DEFAULT_BUNDLE = ROOT / "runs" / "resnet56.bundle"
 PRICED = ("rpi4", "rpi5", "coral-usb-rpi4", "coral-usb-rpi5")
 
 
@@ -49,21 +47,8 @@ def log(msg: str) -> None:
 
 
 def default_bundle(models: Path) -> Bundle:
-    if DEFAULT_BUNDLE.is_dir():
-        return load_bundle(DEFAULT_BUNDLE)
-    from converters._registry import create_model
-    from converters.jobs import convert_job
-    from converters.multiexit import load_checkpoint
-
-    ckpt = ROOT / "runs" / "resnet56_every3_pool.pt"
-    if ckpt.is_file():
-        model = load_checkpoint(ckpt)
-    else:
-        model = create_model("resnet56", exits="every:3", head="pool", pretrained=next(models.glob("resnet56-*.th")))
-    log(f"converting ResNet-56 into {DEFAULT_BUNDLE} (about 2 minutes)")
-    sample = ROOT / "converters" / "zoo" / "cifar10_sample.npz"
-    return convert_job(model, DEFAULT_BUNDLE, str(sample), precisions=("fp32", "fp16", "int8"), n_calib=256,
-                       n_parity=200)
+    """runs/resnet56.bundle, made (exit heads trained, converted) when missing: benchmarks/_artifacts.py."""
+    return resnet56_bundle(models=models, profile=False)
 
 
 def measured_block_costs(bundle: Bundle, profiles: list[dict[str, Any]]) -> dict[tuple[int, str], float]:

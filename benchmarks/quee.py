@@ -1,6 +1,13 @@
 """QuEE on ResNet-56 (9 exits) / CIFAR-10: accuracy vs measured latency against quantization only, early exit only
 and the oracle, and the policies QuEE picks for the same λ under different devices' cost models.
 
+Runs from a fresh clone with one command: the ResNet-56 bundle (runs/resnet56.bundle) and its exit heads are made
+and profiled here when missing (``benchmarks/_artifacts.py``; --models is the pretrained checkpoints folder).
+
+Every saving is against ``best_whole``, the whole model a user would ship on the device: the cheapest whole-model
+precision within 0.5 pt of fp32 (``edgequee.bench.best_whole``), measured in the same run (priced per device for
+the priced ratios). The JSON records the machine (CPU model, the ISA flags that decide int8 speed, runtime).
+
 Data: test split of ../shared/data/cifar10.npz (JPEG-q75 derived; the split is shuffled, so slices are roughly
 class-balanced): images [0, n_cal) calibrate (the predictors are fitted there, with ``--augment`` augmented copies
 of each: mirror, then random crop + mirror), images [5000, 5000 + n_eval) evaluate — disjoint. Path traces (real TFLite logits along every path of QuEE's class at fp32 and int8) are cached
@@ -14,7 +21,8 @@ models (mean cost of the paths taken, hand-overs included). Accuracy is over all
 decisions on the traces, identical to the runtime's). Host pricing uses the measured profile profiles/host.json;
 it has no hand-over timings, so those come from the x86-host descriptor.
 
-    python benchmarks/quee.py --json benchmarks/results/quee.json --plot benchmarks/results/quee.png
+    python benchmarks/quee.py --data ../shared/data/cifar10.npz --models ../shared/models/akamaster_resnet_cifar10 \
+        --json benchmarks/results/quee.json --plot benchmarks/results/quee.png
 """
 
 from __future__ import annotations
@@ -34,15 +42,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgequee.bench import _mean_latency_ms  # noqa: E402
-from edgequee.bundle import Bundle, json_default, load_bundle, sha256_file, write_json_atomic  # noqa: E402
+from _artifacts import resnet56_bundle  # noqa: E402
+from edgequee.bench import best_whole, measure_interleaved, measure_split_overhead  # noqa: E402
+from edgequee.bundle import json_default, load_bundle, sha256_file, write_json_atomic  # noqa: E402
 from edgequee.calibrate import fingerprint  # noqa: E402
 from edgequee.cost import CostModel  # noqa: E402
 from edgequee.data import augmented_copies, load_dataset  # noqa: E402
 from edgequee.policies import ExitState, ThresholdPolicy  # noqa: E402
 from edgequee.quee import (PathDecisions, PathTraces, QueePolicy, choose_precisions, cost_arrays,  # noqa: E402
                            fit_policy, path_costs, trace_paths)
-from edgequee.runtime import EdgeRunner, WholeModelRunner  # noqa: E402
+from edgequee.runtime import WholeModelRunner  # noqa: E402
+from edgequee.sysinfo import machine_info  # noqa: E402
 
 PRECISIONS = ("fp32", "int8")
 DEVICES = {"host": "x86-host", "rpi4": None, "rpi5": None, "coral-usb-rpi4": None}  # cost model: descriptor
@@ -75,28 +85,6 @@ def path_traces(bundle_dir: Path, images: np.ndarray, cache_dir: Path) -> PathTr
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-
-
-def measure(bundle: Bundle, points: dict[str, Any], images: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` interleaved rounds of each point's mean latency (ms) on ``images``; ``points`` maps a
-    name to a policy (run by EdgeRunner) or a precision (WholeModelRunner). Checks the runtime's answers against the
-    expected (exit, class) when a point carries them."""
-    runner = EdgeRunner(bundle, ThresholdPolicy("fp32"))
-    whole = {p: WholeModelRunner(bundle, p) for p in bundle.manifest.whole_model}
-    per: dict[str, list[float]] = {name: [] for name in points}
-    for r in range(rounds):
-        for name, (what, expected) in points.items():
-            if isinstance(what, str):
-                ms, _ = _mean_latency_ms(whole[what].classify, images)
-            else:
-                runner.set_policy(what)
-                ms, results = _mean_latency_ms(runner.classify, images)
-                got = np.array([(x.exit_index, x.class_id) for x in results])
-                if expected is not None and not np.array_equal(got, expected):
-                    raise SystemExit(f"{name}: the runtime loop and the vectorised decisions disagree")
-            per[name].append(ms)
-        log(f"timing round {r + 1}/{rounds} done")
-    return {name: float(np.median(v)) for name, v in per.items()}
 
 
 def gate_us(policy: QueePolicy, traces: PathTraces, n: int = 3000, repeats: int = 5) -> float:
@@ -176,11 +164,7 @@ def sweep_points(rows: list[dict], n: int, span: float) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     bundle_dir = Path(args.bundle)
-    if not (bundle_dir / "manifest.json").is_file():
-        sys.exit(f"{bundle_dir} not found: make it with python benchmarks/profile_repeatability.py (its "
-                 "default_bundle converts runs/resnet56_every3_pool.pt), or edgequee train resnet56 --exits every:3, "
-                 "edgequee convert ... --out runs/resnet56.bundle and edgequee profile ... --device host")
-    bundle = load_bundle(bundle_dir)
+    bundle = resnet56_bundle(args.data, Path(args.models), bundle_dir)
     ds = load_dataset(args.data)
     cal = np.arange(args.n_cal)
     ev = np.arange(5000, 5000 + args.n_eval)
@@ -193,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
         fit_traces = PathTraces.concat([tr_cal, extra])
         fit_labels, groups = np.tile(y_cal, args.augment + 1), np.tile(groups, args.augment + 1)
     cms = {d: CostModel.for_bundle(bundle, d, descriptor=desc) for d, desc in DEVICES.items()}
-    precisions = {d: choose_precisions(cm) for d, cm in cms.items()}
+    precisions = {d: tuple(p for p in choose_precisions(cm) if p in PRECISIONS) for d, cm in cms.items()}
     log(f"precisions per device: {precisions}")
     priced = {d: cost_arrays(cm, PRECISIONS) for d, cm in cms.items()}
     fitted: dict[tuple[str, ...], QueePolicy] = {}  # one set of predictors per precision set, priced per device
@@ -239,7 +223,8 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     log(f"timing {len(points)} points × {args.latency_samples} images × {args.rounds} rounds")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # uncertified policies, on purpose
-        measured = measure(bundle, points, x_ev[lat], args.rounds)
+        measured = measure_interleaved(bundle, points, x_ev[lat], rounds=args.rounds,
+                                       progress=lambda what: what.startswith("whole") and log(what))
     quee_rows = [{**curves["host"][i], "measured_ms": measured[f"quee {i}"]} for i in pick]
     for row in thresholds:
         t = math.inf if row["threshold"] is None else row["threshold"]
@@ -249,8 +234,19 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
 
     q_pts = [(r["accuracy"], r["measured_ms"]) for r in quee_rows]
     full_acc = whole["fp32"]["accuracy"]
+    best = best_whole({p: {"accuracy": w["accuracy"], "latency_ms": w["measured_ms"]} for p, w in whole.items()})
     half = [r for r in quee_rows if r["accuracy"] >= full_acc - 0.005]
     at_half = min(half, key=lambda r: r["measured_ms"])
+    # the same ratio priced on the Pis: each device's own policy (λ sweep on the evaluation images), its cheapest
+    # point within 0.5 pt of the fp32 whole model, against that device's best whole model, both priced there
+    priced_ratio, priced_best = {}, {}
+    for d in ("rpi4", "rpi5"):
+        priced_best[d] = best_whole({p: {"accuracy": w["accuracy"], "latency_ms": w["priced_ms"][d]}
+                                     for p, w in whole.items()})
+        ok = [r for r in curves[d] if r["accuracy"] >= full_acc - 0.005]
+        priced_ratio[d] = min(r["priced_ms"][d] for r in ok) / priced_best[d]["latency_ms"]
+    per_precision = {p: dominance(q_pts, [(r["accuracy"], r["measured_ms"]) for r in thresholds
+                                          if r["precision"] == p]) for p in PRECISIONS}
     # oracle saving captured at equal accuracy (host-priced, the oracle cannot be run): QuEE's cheapest λ of the sweep
     # with accuracy ≥ the fp32 whole model's
     equal = [r for r in curves["host"] if r["accuracy"] >= full_acc]
@@ -272,8 +268,22 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     same_g = {d: {"lam": g / pol.block_cost[0].sum(), "start": pol.with_lam(g / pol.block_cost[0].sum()).start(),
                   **summarize(pol.with_lam(g / pol.block_cost[0].sum()).simulate(tr_ev), y_ev, {d: priced[d]})}
               for d, pol in policies.items()}
+    # the runtime's own cost, on the same bundle and machine: the profile's per-block gap, and the no-exit loop ÷ the
+    # whole model at 1 and 2 threads (fresh runners each of 11 alternating rounds)
+    profile = json.loads((bundle.profiles_dir / "host.json").read_text())
+    gap_us = {p: 1e3 * g["value"] for p, g in profile["runtime_overhead_ms"].items()}
+    split = {p: {f"threads_{t}": measure_split_overhead(bundle, x_ev[lat], p, t, rounds=11)["ratio"] for t in (1, 2)}
+             for p in PRECISIONS}
+    log(f"runtime gap µs/block {gap_us}; split overhead {split}")
     return {
         "model": bundle.manifest.model,
+        "machine": {**machine_info(), "torch_imported": "torch" in sys.modules},
+        "runtime_gap_us_per_block": gap_us,
+        "split_overhead": split,
+        "best_whole": best,
+        "latency_ratio_vs_best_whole_at_half_point_loss": at_half["measured_ms"] / best["latency_ms"],
+        "priced_ratio_vs_best_whole": priced_ratio,
+        "priced_best_whole": priced_best,
         "data": {"calibration": f"test[0:{args.n_cal}]", "augmented_copies": args.augment,
                  "evaluation": f"test[5000:{5000 + args.n_eval}]",
                  "latency_samples": args.latency_samples, "rounds": args.rounds},
@@ -282,6 +292,7 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
         "pareto_dominance": {
             "vs_early_exit": dominance(q_pts, [(r["accuracy"], r["measured_ms"]) for r in thresholds]),
             "vs_quant_only": dominance(q_pts, [(w["accuracy"], w["measured_ms"]) for w in whole.values()]),
+            "vs_early_exit_per_precision": per_precision,
             "definition": "share of the baseline's measured (accuracy, latency) points where a measured QuEE point "
                           "is at least as accurate for no more latency",
         },
@@ -346,11 +357,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(ROOT / "runs" / "resnet56.bundle"))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10.npz"))
+    ap.add_argument("--models", default=str(ROOT.parent / "shared" / "models" / "akamaster_resnet_cifar10"),
+                    help="The pretrained checkpoints folder (resnet56-*.th), used when the bundle must be made.")
     ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "quee_traces"))
     ap.add_argument("--n-cal", type=int, default=5000, help="Calibration images: test[0:N] (≤ 5000).")
     ap.add_argument("--n-eval", type=int, default=5000, help="Evaluation images: test[5000:5000+N] (≤ 5000).")
     ap.add_argument("--latency-samples", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7, help="Interleaved timing rounds (the median round is kept).")
     ap.add_argument("--augment", type=int, default=3, help="Augmented copies of each calibration image the "
                     "predictors are also fitted on (0: none).")
     ap.add_argument("--points", type=int, default=30, help="QuEE λ points measured in the runtime loop.")
@@ -363,6 +376,7 @@ def main() -> None:
     if not (0 < args.n_cal <= 5000 and 0 < args.n_eval <= 5000 and args.latency_samples <= args.n_eval):
         sys.exit("--n-cal and --n-eval must lie in 1..5000, --latency-samples ≤ --n-eval")
     if args.traces_only:
+        resnet56_bundle(args.data, Path(args.models), Path(args.bundle))
         ds = load_dataset(args.data)
         idx = np.concatenate([np.arange(args.n_cal), np.arange(5000, 5000 + args.n_eval)])
         path_traces(Path(args.bundle), ds.x_test[idx], Path(args.cache_dir))
@@ -374,8 +388,10 @@ def main() -> None:
     write_json_atomic(Path(args.json), report)
     plot(report, Path(args.plot))
     log(f"wrote {args.json} and {args.plot}")
-    print(json.dumps({k: report[k] for k in ("pareto_dominance", "latency_ratio_vs_int8_whole_at_half_point_loss",
-                                             "oracle_saving_captured", "gate_us")}, indent=1, default=json_default))
+    print(json.dumps({k: report[k] for k in ("machine", "best_whole", "latency_ratio_vs_best_whole_at_half_point_loss",
+                                             "priced_ratio_vs_best_whole", "pareto_dominance",
+                                             "oracle_saving_captured", "gate_us", "runtime_gap_us_per_block",
+                                             "split_overhead")}, indent=1, default=json_default))
 
 
 if __name__ == "__main__":
