@@ -35,7 +35,11 @@ class MixedPool(nn.Module):
     """Average- and max-pool (N, C, H, W) to a fixed grid and concatenate: (N, 2C, grid, grid).
 
     Uses fixed-kernel AvgPool2d/MaxPool2d (kernel = stride = H // grid), not AdaptiveAvgPool, so it exports to plain
-    ONNX AveragePool/MaxPool.
+    ONNX AveragePool/MaxPool. XNNPACK takes no quantized AVERAGE_POOL_2D: in int8 graphs that op runs on TFLite's
+    reference kernel and splits each block into two XNNPACK partitions. Tried: the average as a depthwise
+    convolution with constant weights 1/(kh·kw) (identical function, one partition). On ResNet-56's int8 blocks,
+    timed interleaved on a VNNI host, it made no difference beyond the ±5 % noise (the 8×8-window blocks looked
+    slower, the 2×2/4×4 ones faster, and a repeat reversed it), so the plain pool stays.
     """
 
     def __init__(self, height: int, width: int, grid: int):
