@@ -584,11 +584,13 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
               risk: str | None, on: str, epsilon: float | None, delta: float, method: str, n_cal: int | None,
               device: str | None, objective: str, lam: float | None, target_accuracy: float | None,
               budget_ms: float | None, augment: int | None, threads: int, json_out: str | None) -> None:
-    """Tune the policy's exit knob so its risk stays ≤ ε; store the policy and its certificate in BUNDLE.
+    """Tune the policy's exit knob so its risk (against the fp32 full model) stays ≤ ε; store the policy and its
+    certificate in BUNDLE.
 
-    quee (learned, device-aware exit-or-precision gate) needs --data and --device; its predictors are fitted on half
-    of the images and its λ chosen on the other half, by risk control (--epsilon) or directly (--lam,
-    --target-accuracy or --budget-ms)."""
+    auto (the default) stores the cheapest policy on --device that passes: a threshold at each precision worth running
+    there, or quee, chosen on half of the images and certified on the other half. quee (learned, device-aware
+    exit-or-precision gate) needs --data and --device; its predictors are fitted on half of the images and its λ
+    chosen on the other half, by risk control (--epsilon) or directly (--lam, --target-accuracy or --budget-ms)."""
     import numpy as np
 
     from .calibrate import calibrate_bundle
