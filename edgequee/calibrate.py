@@ -63,12 +63,10 @@ def block_costs(bundle: Bundle, device: str | None = None, objective: str = "lat
     measured where the bundle's profile has it, else estimated from the device descriptor. Without a device: the
     bundle's only profile, else MACs."""
     m = bundle.manifest
+    device = device or _only_profile(bundle)
     if device is None:
-        profiles = sorted(bundle.profiles_dir.glob("*.json")) if bundle.profiles_dir.is_dir() else []
-        if len(profiles) != 1:
-            macs = np.asarray([b.macs for b in m.blocks], np.float64)
-            return "MACs", {p: macs for p in m.precisions}
-        device = profiles[0].stem
+        macs = np.asarray([b.macs for b in m.blocks], np.float64)
+        return "MACs", {p: macs for p in m.precisions}
     cm = CostModel.for_bundle(bundle, device, objective=objective)
     unit = {"latency": "ms", "energy": "mJ net of idle", "weighted": "normalised"}[objective]
     costs = {p: np.array([cm.value(cm.block(i, p)) for i in range(m.num_exits)]) for p in cm.precisions()}
@@ -185,7 +183,7 @@ def calibrate_bundle(
     table = knob_table(base, traces, cost, labels, risk, on, reference)
     sel = scan(table.knobs, table.losses, table.costs, epsilon=epsilon, delta=delta, method=method,
                bound=loss_bound(on))
-    tuned = from_stored(dataclasses.replace(to_stored(base), params={**base.params(), base.knob: sel.knob}))
+    tuned = _with_knob(base, sel.knob)
     refit = getattr(tuned, "with_conformal", None)  # conformal prediction sets (jei): q̂ for the exits at this knob
     if refit is not None and labels is not None:
         tuned = refit(traces, labels)
@@ -224,15 +222,10 @@ def _subset(traces: Traces, rows: np.ndarray) -> Traces:
     return Traces({p: a[rows] for p, a in traces.logits.items()})
 
 
-def _device_name(bundle: Bundle, device: str | None) -> str:
-    """``device``, else the bundle's only profile: auto compares policies by what they cost on one device."""
-    if device is not None:
-        return device
+def _only_profile(bundle: Bundle) -> str | None:
+    """The device of the bundle's only profile (None with none or several)."""
     profiles = sorted(bundle.profiles_dir.glob("*.json")) if bundle.profiles_dir.is_dir() else []
-    if len(profiles) != 1:
-        raise DataError("--policy auto picks the cheapest certified policy on a device: give --device (a profile in "
-                        "BUNDLE/profiles, made by edgequee profile, or a descriptor such as rpi4)")
-    return profiles[0].stem
+    return profiles[0].stem if len(profiles) == 1 else None
 
 
 def _with_knob(policy: KnobPolicy, value: float) -> KnobPolicy:
@@ -318,7 +311,10 @@ def calibrate_auto(
     if len(images) < 4:
         raise DataError(f"--policy auto splits the calibration images into a selection and a certification half; "
                         f"{len(images)} are too few (give hundreds)")
-    device = _device_name(bundle, device)
+    device = device or _only_profile(bundle)
+    if device is None:
+        raise DataError("--policy auto picks the cheapest certified policy on a device: give --device (a profile in "
+                        "BUNDLE/profiles, made by edgequee profile, or a descriptor such as rpi4)")
     cm = CostModel.for_bundle(bundle, device, objective=objective)
     cost_name, cost = block_costs(bundle, device, objective)
     latency_cm = cm if objective == "latency" else CostModel.for_bundle(bundle, device, objective="latency")
