@@ -6,7 +6,12 @@ Reproduces the foundation issue's acceptance numbers end to end:
 - parity / parity_chained / exit_accuracy_chained: on the full test split (10,000 images);
 - split_overhead: runtime loop with every block and no early exit ÷ whole model, at 1 and 2 threads
   (split_overhead_gated: the same with the exit heads and a max-softmax gate evaluated after every block);
-- whole_model accuracy and latency, per-exit accuracy, and the bench table (threshold sweep per precision).
+- whole_model accuracy and latency, best_whole (the cheapest whole model within 0.5 pt of fp32), per-exit accuracy,
+  and the bench table (threshold sweep per precision, every latency also as a ratio to best_whole).
+
+Caveat: this script converts and checks parity with torch in the process that then times, and importing torch
+slows LiteRT by 20-30 % here (converters/quickstart.py); its absolute latencies are pessimistic. benchmarks/quee.py
+measures ResNet-56's split overhead in a process without torch.
 
     python benchmarks/foundation.py --data ../shared/data/cifar10.npz \
         --models ../shared/models/akamaster_resnet_cifar10 --json runs/foundation.json
@@ -126,6 +131,8 @@ def main() -> None:
         "split_overhead_gated": {p: {k: v["ratio"] for k, v in d.items()} for p, d in gated.items()},
         "split_overhead_gated_detail": gated,
         "whole_model": bench["whole_model"],
+        "best_whole": bench["best_whole"],
+        "machine": bench["machine"],
         "profiles": profiles,
         "bench": bench,
     }
