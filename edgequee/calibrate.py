@@ -188,13 +188,7 @@ def calibrate_bundle(
     if refit is not None and labels is not None:
         tuned = refit(traces, labels)
     data_fp = fingerprint(images, labels)
-    certificate = Certificate(
-        risk=risk, on=on, epsilon=sel.epsilon, delta=sel.delta, method=method, guarantee=sel.guarantee,
-        n_cal=sel.n_cal, knob=base.knob, knob_value=tuned.params()[base.knob], empirical_risk=sel.empirical_risk,
-        bound=sel.bound, expected_saving=sel.saving, cost=cost_name, feasible=sel.feasible,
-        data_fingerprint=data_fp, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        edgequee_version=__version__, reference=FP32_REFERENCE if reference is not None else SAFE_REFERENCE,
-    )
+    certificate = _certificate(sel, risk, on, method, tuned, cost_name, data_fp, reference is not None)
     calibration = {"data_fingerprint": data_fp, "n_cal": sel.n_cal, "labels": labels is not None,
                    "device": device, "objective": cost_name}
     stored = to_stored(tuned, calibration=calibration, certificate=certificate)
@@ -206,6 +200,18 @@ def calibrate_bundle(
     selection = dataclasses.asdict(sel) | {"knob": certificate.knob_value, "grid_size": len(table.knobs),
                                            "versus_best_whole": versus}
     return store_calibrated(bundle, stored, selection, write)
+
+
+def _certificate(sel: Any, risk: str, on: str, method: str, tuned: KnobPolicy, cost_name: str, data_fp: str,
+                 fp32_reference: bool, compared: Mapping[str, Any] | None = None) -> Certificate:
+    """What the risk scan ``sel`` proved about ``tuned`` (a ``risk.Selection``), as stored with the policy."""
+    return Certificate(
+        risk=risk, on=on, epsilon=sel.epsilon, delta=sel.delta, method=method, guarantee=sel.guarantee,
+        n_cal=sel.n_cal, knob=tuned.knob, knob_value=tuned.params()[tuned.knob], empirical_risk=sel.empirical_risk,
+        bound=sel.bound, expected_saving=sel.saving, cost=cost_name, feasible=sel.feasible, data_fingerprint=data_fp,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), edgequee_version=__version__,
+        reference=FP32_REFERENCE if fp32_reference else SAFE_REFERENCE, compared=compared,
+    )
 
 
 def _check_calibration_data(images: np.ndarray, labels: np.ndarray | None, risk: str) -> None:
@@ -389,13 +395,8 @@ def calibrate_auto(
                 "best_whole": None if versus is None else versus["best_whole"],
                 "certified_vs_best_whole": None if versus is None else versus["ratio"]}
     data_fp = fingerprint(images[cert], y_cert)
-    certificate = Certificate(
-        risk=risk, on=on, epsilon=s.epsilon, delta=s.delta, method=method, guarantee=s.guarantee, n_cal=s.n_cal,
-        knob=chosen.knob, knob_value=tuned.params()[chosen.knob], empirical_risk=s.empirical_risk, bound=s.bound,
-        expected_saving=s.saving, cost=cost_name, feasible=s.feasible, data_fingerprint=data_fp,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), edgequee_version=__version__,
-        reference=FP32_REFERENCE if reference_probs(cert_traces) is not None else SAFE_REFERENCE, compared=compared,
-    )
+    certificate = _certificate(s, risk, on, method, tuned, cost_name, data_fp,
+                               reference_probs(cert_traces) is not None, compared)
     calibration = {"data_fingerprint": data_fp, "n_cal": s.n_cal, "labels": labels is not None, "device": device,
                    "objective": cost_name, "policy": "auto"}
     stored = to_stored(tuned, calibration=calibration, certificate=certificate)
