@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from benchmarks.risk import traces as exit_traces  # noqa: E402
 from converters.jei import cache_exit_inputs, exit_costs, jei_policy, logits_from_cache, train_jei  # noqa: E402
 from converters.jobs import convert_job  # noqa: E402
-from converters.multiexit import load_checkpoint, save_checkpoint  # noqa: E402
+from converters.multiexit import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from edgequee.bench import DEFAULT_THRESHOLDS, _mean_latency_ms  # noqa: E402
 from edgequee.bundle import json_default, load_bundle, sha256_file, write_json_atomic, write_policy  # noqa: E402
 from edgequee.calibrate import fingerprint  # noqa: E402
@@ -77,7 +77,7 @@ def cached_features(ckpt: Path, x: np.ndarray, name: str, cache_dir: Path) -> li
     path = cache_dir / f"jei_features_{name}_{key}.pt"
     if path.is_file():
         log(f"features from {path}")
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # a list of float16 tensors written below
     log(f"caching exit-head inputs of {len(x)} {name} images (one backbone pass)")
     t0 = time.perf_counter()
     feats = cache_exit_inputs(load_checkpoint(ckpt), x)
@@ -91,7 +91,7 @@ def trained(loss: str, args: argparse.Namespace, data, feats, cost) -> Path:  # 
     key = _key(sha256_file(Path(args.checkpoint)), fingerprint(data.x_train, data.y_train), loss, str(args.lam),
                str(args.epochs), str(args.seed), str(cost.values))
     path = Path(args.cache_dir) / f"jei_resnet56_{loss}.pt"
-    if path.is_file() and torch.load(path, weights_only=False)["extra"].get("bench_key") == key:
+    if path.is_file() and read_checkpoint(path)["extra"].get("bench_key") == key:
         log(f"JEI ({loss}) from {path}")
         return path
     log(f"training JEI gates + heads ({loss} loss, λ={args.lam}) on {len(data.x_train)} images")
@@ -242,7 +242,7 @@ def main() -> None:
         tr = Traces({"fp32": logits})
         variants[loss] = {k: v for k, v in evaluate(policy, tr, y, block_cost).items() if k != "exits"}
         variants[loss]["exit_accuracy"] = [float(a) for a in (logits.argmax(2) == y[:, None]).mean(0)]
-        variants[loss]["validation"] = torch.load(paths[loss], weights_only=False)["extra"]["train"]["jei"]["val"]
+        variants[loss]["validation"] = read_checkpoint(paths[loss])["extra"]["train"]["jei"]["val"]
     base_logits = logits_from_cache(base_model, f_test)
     variants["baseline_heads"] = {"exit_accuracy": [float(a) for a in (base_logits.argmax(2) == y[:, None]).mean(0)]}
 

@@ -2,11 +2,18 @@
 
 The built-in families register themselves when their module is imported; ``create_model`` and ``list_models``
 import them first, so callers never need to.
+
+The factory contract (``FACTORY_CONTRACT``): a factory is called with keyword arguments only and returns a
+``MultiExitModel`` whose ``config`` holds ``arch`` (the registry name) and whatever else rebuilds it. It must accept
+``classes=`` and its own ``config`` entries (``load_checkpoint`` calls ``factory(**config, classes=...)``). The
+options ``exits=``, ``head=`` and ``pretrained=`` of ``edgequee train/convert`` are passed only to a factory that
+declares them (or takes ``**kwargs``). Any other parameter needs a default.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from edgequee.errors import ConversionError
@@ -14,7 +21,13 @@ from edgequee.errors import ConversionError
 if TYPE_CHECKING:
     from .multiexit import MultiExitModel
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
+__all__ = ["register_model", "create_model", "list_models", "is_model", "factory_parameters", "check_arguments",
+           "FACTORY_CONTRACT"]
+
+FACTORY_CONTRACT = (
+    "a @register_model factory takes keyword arguments only: classes= and its own config entries (to rebuild a "
+    "checkpoint), exits=/head=/pretrained= if it supports those options; every other parameter needs a default"
+)
 
 # Modules (relative to this package) whose import registers the built-in families.
 _FAMILY_MODULES = ("resnet_cifar", "mobilenetv2_cifar")
@@ -53,11 +66,45 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def create_model(name: str, **kwargs: object) -> MultiExitModel:
-    """Build the registered model ``name`` with the factory's keyword arguments."""
+def _factory(name: str) -> Callable[..., object]:
     _import_families()
     try:
-        factory = _MODELS[name]
+        return _MODELS[name]
     except KeyError:
         raise ConversionError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}") from None
+
+
+def _signature(factory: Callable[..., object]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return None
+
+
+def factory_parameters(name: str) -> frozenset[str] | None:
+    """The keyword arguments the factory of ``name`` accepts; None when it takes any (``**kwargs``)."""
+    sig = _signature(_factory(name))
+    if sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in sig.parameters.items() if p.kind in kinds)
+
+
+def check_arguments(name: str, kwargs: dict[str, object]) -> None:
+    """Raise a one-line ConversionError (naming ``FACTORY_CONTRACT``) unless ``name``'s factory takes ``kwargs``."""
+    factory = _factory(name)
+    sig = _signature(factory)
+    if sig is None:
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        where = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', name)}"
+        raise ConversionError(f"model {name!r}: {where}() {e}; {FACTORY_CONTRACT}") from None
+
+
+def create_model(name: str, **kwargs: object) -> MultiExitModel:
+    """Build the registered model ``name`` with the factory's keyword arguments (checked against its signature)."""
+    factory = _factory(name)
+    check_arguments(name, kwargs)
     return factory(**kwargs)  # type: ignore[return-value]

@@ -50,7 +50,7 @@ from edgequee.jei import RULES, JeiPolicy, exit_probabilities
 from edgequee.policies import Traces, softmax
 from edgequee.uncertainty import ece, fit_conformal
 
-from .multiexit import MultiExitModel
+from .multiexit import MultiExitModel, read_checkpoint
 from .train import _CACHE_BATCH, _batches, _build_cache, _check_data, _fit, _make_optimizer, _split_head, _Standardizer
 
 __all__ = ["LOSSES", "ExitCosts", "exit_costs", "cache_exit_inputs", "logits_from_cache", "gate_targets",
@@ -369,8 +369,9 @@ def jei_policy(checkpoint: str | Path) -> JeiPolicy | None:
     path = Path(checkpoint)
     if not path.is_file():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    spec = ckpt.get("extra", {}).get("jei") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(path)  # weights_only: a crafted pickle is refused before it can run
+    extra = ckpt.get("extra") if isinstance(ckpt, dict) else None
+    spec = extra.get("jei") if isinstance(extra, dict) else None
     if not spec:
         return None
     return JeiPolicy(**spec["params"], arrays={"gates": np.asarray(spec["gates"], np.float64)})

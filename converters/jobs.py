@@ -14,8 +14,9 @@ from edgequee.data import load_dataset
 from edgequee.errors import ConversionError, DataError
 from edgequee.policies import to_stored
 
-from ._registry import create_model, is_model, list_models
+from ._registry import FACTORY_CONTRACT, check_arguments, create_model, factory_parameters, is_model, list_models
 from .convert import convert_model
+from .heads import DEFAULT_HEAD
 from .jei import exit_costs, jei_policy, train_jei
 from .multiexit import MultiExitModel, load_checkpoint, save_checkpoint
 from .train import evaluate, finetune_joint, train_heads
@@ -25,19 +26,49 @@ __all__ = ["load_model", "TrainJob", "run_training", "convert_job"]
 Progress = Callable[..., None]
 
 
-def load_model(spec: str, pretrained: str | None = None, exits: str = "stages", head: str | None = None) -> MultiExitModel:
-    """A checkpoint file (.pt from `edgequee train`), or a registered architecture built with these options."""
+# The architecture options of `edgequee train/convert` and the values that mean "not given" (the CLI defaults): a
+# factory that does not declare an option gets it only when the user asked for something else (then: an error).
+_OPTION_DEFAULTS: dict[str, tuple[Any, ...]] = {"exits": ("stages",), "head": (None, DEFAULT_HEAD),
+                                                "pretrained": (None,)}
+
+
+def _is_checkpoint(spec: str) -> bool:
     path = Path(spec)
-    if path.suffix == ".pt" or path.is_file():
+    return path.suffix == ".pt" or path.is_file()
+
+
+def load_model(spec: str, pretrained: str | None = None, exits: str = "stages", head: str | None = None) -> MultiExitModel:
+    """A checkpoint file (.pt from `edgequee train`), or a registered architecture built with these options.
+
+    The options go only to a factory that declares them (``converters._registry.FACTORY_CONTRACT``); a non-default
+    value for an option the factory does not declare is a one-line ConversionError."""
+    path = Path(spec)
+    if _is_checkpoint(spec):
         if pretrained or head:
             raise ConversionError(f"{spec} is a checkpoint: --pretrained/--head apply only to architecture names")
         return load_checkpoint(path)
     if not is_model(spec):
         raise ConversionError(f"{spec!r} is neither a checkpoint file nor a model ({', '.join(list_models())})")
-    kwargs: dict[str, Any] = {"exits": exits, "pretrained": pretrained}
-    if head:
-        kwargs["head"] = head
+    accepted = factory_parameters(spec)
+    given: dict[str, Any] = {"exits": exits, "pretrained": pretrained, "head": head}
+    kwargs: dict[str, Any] = {}
+    for option, value in given.items():
+        if accepted is None or option in accepted:
+            if option != "head" or value:
+                kwargs[option] = value
+        elif value not in _OPTION_DEFAULTS[option]:
+            raise ConversionError(f"--{option} {value}: model {spec!r} takes no {option}= argument ({FACTORY_CONTRACT})")
     return create_model(spec, **kwargs)
+
+
+def _check_rebuildable(model: MultiExitModel, spec: str) -> None:
+    """Before any training: the checkpoint ``run_training`` will save must be one ``load_checkpoint`` can rebuild."""
+    config = dict(model.config)
+    arch = config.pop("arch", None)
+    if arch is None:
+        raise ConversionError(f"model {spec!r} has no 'arch' in its config, so its checkpoint could not be rebuilt; "
+                              f"return MultiExitModel(..., config={{'arch': {spec!r}, ...}}) ({FACTORY_CONTRACT})")
+    check_arguments(str(arch), {**config, "classes": model.classes})
 
 
 @dataclass(frozen=True)
@@ -69,8 +100,10 @@ def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, A
     data = load_dataset(job.data).subset(n_train=job.n_train)
     if len(data.x_train) == 0:
         raise DataError(f"{job.data}: no training images (x_train); training needs a train split")
-    is_ckpt = Path(job.model).is_file()
+    is_ckpt = _is_checkpoint(job.model)
     model = load_model(job.model, None if is_ckpt else job.pretrained, job.exits, None if is_ckpt else job.head)
+    if not is_ckpt:
+        _check_rebuildable(model, job.model)
     report: dict[str, Any] = {"job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job).items()}}
     extra: dict[str, Any] = {}
     if job.method == "jei":
@@ -108,6 +141,7 @@ def convert_job(
     n_parity: int = 1000,
     pretrained: str | None = None,
     exits: str = "stages",
+    random_init: bool = False,
     overwrite: bool = False,
     edgetpu: bool = False,
     num_threads: int = 1,
@@ -115,7 +149,12 @@ def convert_job(
 ) -> Bundle:
     """Calibrate int8 on the first ``n_calib`` training images (test images when there is no train split) and
     check parity on the first ``n_parity`` test images. A checkpoint with JEI gates (``edgequee train --method
-    jei``) also gets its ``jei`` policy stored in the bundle (uncertified: ``edgequee calibrate`` certifies it)."""
+    jei``) also gets its ``jei`` policy stored in the bundle (uncertified: ``edgequee calibrate`` certifies it).
+
+    An architecture name without ``pretrained`` weights would convert random weights: refused unless
+    ``random_init`` (a checkpoint carries its own weights and takes neither)."""
+    if isinstance(model, str):
+        _check_weights(model, pretrained, random_init)
     jei = jei_policy(model) if isinstance(model, str) else None
     if jei is not None and jei.precision not in precisions:
         raise ConversionError(f"{model} holds JEI gates for {jei.precision}: add it to --precisions")
@@ -126,3 +165,21 @@ def convert_job(
                            precisions=precisions, overwrite=overwrite, edgetpu=edgetpu, num_threads=num_threads,
                            progress=progress)
     return bundle if jei is None else write_policy(bundle, to_stored(jei))
+
+
+def _check_weights(spec: str, pretrained: str | None, random_init: bool) -> None:
+    """convert: a checkpoint carries its weights; an architecture name needs --pretrained or an explicit
+    --random-init (no silent conversion of random weights)."""
+    if _is_checkpoint(spec):
+        if random_init:
+            raise ConversionError(f"{spec} is a checkpoint with its own weights: drop --random-init")
+        return
+    if not is_model(spec):
+        return  # load_model names the valid models
+    if pretrained and random_init:
+        raise ConversionError("--pretrained and --random-init contradict each other: give one")
+    if not pretrained and not random_init:
+        raise ConversionError(
+            f"{spec} is an architecture name with no weights: pass --pretrained FILE, or a checkpoint from "
+            "edgequee train as MODEL, or --random-init to convert random weights on purpose"
+        )

@@ -18,18 +18,28 @@ it and ``edgequee convert`` the checkpoint. See README "Bring your own model".
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgequee.bundle import InputSpec
 from edgequee.errors import ConversionError, InternalError
 
-__all__ = ["ExitHead", "MultiExitModel", "save_checkpoint", "load_checkpoint", "partition_exits", "CHECKPOINT_FORMAT"]
+__all__ = ["ExitHead", "MultiExitModel", "save_checkpoint", "load_checkpoint", "read_checkpoint", "partition_exits",
+           "CHECKPOINT_FORMAT", "TRUST_CHECKPOINTS_ENV"]
 
 CHECKPOINT_FORMAT = "edgequee-multiexit/1"
+
+# A checkpoint is a pickle, and unpickling an untrusted one can run any code. ``read_checkpoint`` therefore loads
+# with ``weights_only=True`` (tensors, dicts, lists, tuples, str, numbers, bool, None: everything ``save_checkpoint``
+# writes, so nothing needs allow-listing); this variable set to 1 lifts that for files from a source you trust.
+TRUST_CHECKPOINTS_ENV = "EDGEQUEE_TRUST_CHECKPOINTS"
 
 
 class ExitHead(nn.Module):
@@ -97,36 +107,99 @@ class MultiExitModel(nn.Module):
         return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
 
 
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as the plain types ``torch.load(weights_only=True)`` accepts (numpy → Python, Path → str)."""
+    if isinstance(value, np.generic):  # before float/str: np.float64 and np.str_ subclass them, yet pickle as numpy
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value), where)
+    if isinstance(value, dict):
+        return {k if isinstance(k, (str, int)) else str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise ConversionError(
+        f"{where}: a {type(value).__name__} cannot go into a checkpoint; save plain types (dict, list, tuple, str, "
+        "number, bool, None, tensor, numpy array)"
+    )
+
+
 def save_checkpoint(model: MultiExitModel, path: Path, extra: dict[str, Any] | None = None) -> None:
-    """Save a model the registry can rebuild: family config + weights + metadata (+ e.g. training metrics)."""
+    """Save a model the registry can rebuild: family config + weights + metadata (+ e.g. training metrics).
+
+    Only plain types are written (numpy values become Python numbers and lists), so ``read_checkpoint`` loads the
+    file with ``weights_only=True``.
+    """
     if "arch" not in model.config:
         raise ConversionError(
             "model.config has no 'arch'; a checkpoint must name a registered architecture "
             "(bring-your-own models: register a factory with converters.register_model)"
         )
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": _plain(model.config, "model.config"),
+        "classes": _plain(list(model.classes), "classes"),
+        "input_spec": _plain(dataclasses.asdict(model.input_spec), "input_spec"),
+        "state_dict": model.state_dict(),
+        "extra": _plain(extra or {}, "extra"),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "config": model.config,
-            "classes": list(model.classes),
-            "input_spec": dataclasses.asdict(model.input_spec),
-            "state_dict": model.state_dict(),
-            "extra": extra or {},
-        },
-        tmp,
-    )
+    torch.save(payload, tmp)
     tmp.replace(path)
+
+
+def _trusted() -> bool:
+    return os.environ.get(TRUST_CHECKPOINTS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_checkpoint(path: Path | str) -> Any:
+    """The unpickled content of a torch file, loaded with ``weights_only=True``: a crafted pickle cannot run code.
+
+    A file that needs more than tensors and plain types (an old or foreign checkpoint) is refused with a
+    ConversionError naming the escape hatch: ``EDGEQUEE_TRUST_CHECKPOINTS=1`` for files from a trusted source.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such checkpoint (make one with edgequee train)")
+    trusted = _trusted()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if trusted:
+            raise ConversionError(f"{path}: cannot read as a torch checkpoint ({_one_line(e)})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ConversionError(
+                f"{path}: refused to unpickle (it needs {found.group(1)}; edgequee checkpoints hold only tensors and "
+                f"plain types); if you trust where this file came from, rerun with {TRUST_CHECKPOINTS_ENV}=1 to load "
+                "it anyway"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.DOTALL)
+        why = " ".join(detail.group(1).split()) if detail else _one_line(e)
+        raise ConversionError(
+            f"{path}: cannot read as a torch checkpoint with weights_only ({why}); if it is a checkpoint from a "
+            f"source you trust, rerun with {TRUST_CHECKPOINTS_ENV}=1 to load it anyway"
+        ) from None
+    except Exception as e:  # noqa: BLE001 — not a zip, truncated, not a pickle: all mean "not a checkpoint"
+        raise ConversionError(f"{path}: cannot read as a torch checkpoint ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def load_checkpoint(path: Path, factory: Callable[..., MultiExitModel] | None = None) -> MultiExitModel:
     """Rebuild a model saved by ``save_checkpoint`` (through the registry unless ``factory`` is given)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such checkpoint (make one with edgequee train)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConversionError(f"{path}: not an edgequee multi-exit checkpoint ({CHECKPOINT_FORMAT})")
     config = dict(ckpt["config"])

@@ -244,6 +244,8 @@ def train(model: str, data: str, out: str, pretrained: str | None, exits: str, h
 @click.option("--parity-images", default=1000, show_default=True, help="Parity-check images (from the test split).")
 @click.option("--pretrained", help="Backbone weights when MODEL is an architecture name.")
 @click.option("--exits", default="stages", show_default=True, help="Exit placement when MODEL is a name.")
+@click.option("--random-init", is_flag=True,
+              help="MODEL is a name without --pretrained: convert random weights on purpose (else refused).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--edgetpu", is_flag=True,
               help="Also write one full-int8 model per block for a Coral, co-compiled with edgetpu_compiler if present.")
@@ -251,14 +253,15 @@ def train(model: str, data: str, out: str, pretrained: str | None, exits: str, h
 @_errors
 @_then_flash
 def convert(model: str, out: str, precisions: tuple[str, ...], calib: str, calib_images: int, parity_images: int,
-            pretrained: str | None, exits: str, force: bool, edgetpu: bool, json_out: str | None) -> None:
+            pretrained: str | None, exits: str, random_init: bool, force: bool, edgetpu: bool,
+            json_out: str | None) -> None:
     """Convert MODEL (checkpoint .pt or architecture name) into a bundle of per-block TFLite graphs."""
     from converters.jobs import convert_job
 
     with _progress("converting") as cb:
         bundle = convert_job(model, Path(out), calib, precisions=precisions, n_calib=calib_images,
-                             n_parity=parity_images, pretrained=pretrained, exits=exits, overwrite=force,
-                             edgetpu=edgetpu, progress=cb)
+                             n_parity=parity_images, pretrained=pretrained, exits=exits, random_init=random_init,
+                             overwrite=force, edgetpu=edgetpu, progress=cb)
     tpu = bundle.manifest.conversion.get("edgetpu")
     if tpu is not None and not tpu["compiled"]:
         click.echo(f"warning: Edge TPU models left uncompiled: {tpu['why']}", err=True)
