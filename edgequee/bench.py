@@ -17,8 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .bundle import Bundle
+from .data import check_labels
 from .errors import DataError, InternalError
 from .policies import NEVER_FIRES, Policy, ThresholdPolicy, max_softmax
+from .preprocess import check_images
 from .progress import Progress, Ticker
 from .runtime import EdgeRunner, WholeModelRunner
 from .sysinfo import machine_info
@@ -158,6 +160,12 @@ def bench_bundle(
     precisions = list(precisions or m.precisions)
     if len(images) == 0:
         raise DataError("no test images to benchmark; pass --data with at least one labelled image")
+    labels = check_labels(labels, len(m.classes), "bench labels", m.classes)
+    if len(labels) != len(images):
+        raise DataError(f"{len(images)} test images but {len(labels)} labels; give one label per image")
+    check_images(images, m.input)
+    if images.ndim != 4:
+        raise DataError(f"images must be a batch (N, H, W, C), got shape {images.shape}")
     if latency_samples < 1:
         raise DataError(f"latency_samples must be >= 1, got {latency_samples}")
     lat_x = images[:latency_samples]

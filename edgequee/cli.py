@@ -434,11 +434,15 @@ def bench(bundle: str, data: str, n_images: int | None, latency_samples: int, pr
     """Accuracy, measured latency and exit histogram of threshold policies vs the whole model."""
     from .bench import DEFAULT_THRESHOLDS, bench_bundle
     from .data import load_dataset
-
+    from .errors import DataError
     from .policies import policy_from_bundle
 
+    if n_images is not None and n_images < 1:
+        raise DataError(f"--n-images must be at least 1, got {n_images}; omit it to use every test image")
     b = load_bundle(bundle)
-    ds = load_dataset(data, (b.manifest.input.height, b.manifest.input.width)).subset(n_test=n_images)
+    spec = b.manifest.input  # folders are resized and decoded to the model's input, labelled by its class names
+    ds = load_dataset(data, (spec.height, spec.width), classes=b.manifest.classes,
+                      channels=spec.channels).subset(n_test=n_images)
     ts = tuple(float(t) for t in thresholds.split(",")) if thresholds else DEFAULT_THRESHOLDS
     with _progress("benchmarking") as cb:
         report = bench_bundle(b, ds.x_test, ds.y_test, precisions=precisions, thresholds=ts, num_threads=threads,
@@ -481,10 +485,14 @@ def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: 
         cert = runner.certificate
         click.echo(f"stored policy {runner.policy!r}"
                    + (f", certified {cert.risk} risk ≤ {cert.epsilon:g} ({cert.method})" if cert else ""), err=True)
-    rows = []
-    for name, image in read_inputs(inputs, b.manifest.input):
-        r = runner.classify(image)
-        rows.append({"input": name, "class_id": r.class_id, "class": b.manifest.classes[r.class_id],
+    rows: list[dict[str, Any]] = []
+    for item in read_inputs(inputs, b.manifest.input):  # a bad file is reported and skipped; exit code 1 at the end
+        if item.image is None:
+            click.echo(f"error: {item.error}", err=True)
+            rows.append({"input": item.name, "error": item.error})
+            continue
+        r = runner.classify(item.image)
+        rows.append({"input": item.name, "class_id": r.class_id, "class": b.manifest.classes[r.class_id],
                      "prob": float(r.probs[r.class_id]), "exit": r.exit_index,
                      "precision_path": list(r.precision_path), "latency_ms": r.latency_ms,
                      "prediction_set": None if r.prediction_set is None else
@@ -492,8 +500,12 @@ def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: 
     text = "\n".join(f"{r['input']}: {r['class']} ({r['prob']:.2f}) exit {r['exit']} "
                      f"[{'/'.join(r['precision_path'])}] {r['latency_ms']:.2f} ms"
                      + (f" set {{{', '.join(r['prediction_set'])}}}" if r["prediction_set"] is not None else "")
-                     for r in rows)
+                     for r in rows if "error" not in r)
     _emit({"results": rows}, text, json_out)
+    failed = [r["input"] for r in rows if "error" in r]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(rows)} inputs could not be read ({', '.join(failed[:3])}"
+                                   f"{', …' if len(failed) > 3 else ''}; reasons above): fix or remove them")
 
 
 def _threshold_policy(precision: str | None, threshold: float | None) -> Any:
@@ -597,7 +609,7 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
     import numpy as np
 
     from .calibrate import calibrate_bundle
-    from .data import load_dataset
+    from .data import check_labels, load_dataset
     from .errors import DataError
     from .inputs import read_inputs
     from .report import calibrate_text
@@ -607,10 +619,13 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
     b = load_bundle(bundle)
     spec = b.manifest.input
     if data is not None:
-        ds = load_dataset(data, (spec.height, spec.width)).subset(n_test=n_cal)
-        images, labels = ds.x_test, ds.y_test
-    else:
-        found = [im for _, im in read_inputs([unlabeled], spec)][:n_cal]
+        ds = load_dataset(data, (spec.height, spec.width), classes=b.manifest.classes,
+                          channels=spec.channels).subset(n_test=n_cal)
+        images, labels = ds.x_test, check_labels(ds.y_test, len(b.manifest.classes), data, b.manifest.classes)
+    else:  # every image counts: a file that cannot be read stops calibration (Input.unwrap raises its DataError)
+        from itertools import islice
+
+        found = [item.unwrap() for item in islice(read_inputs([unlabeled], spec), n_cal)]
         if not found:
             raise DataError(f"{unlabeled}: no images found")
         images, labels = np.stack(found), None
