@@ -7,6 +7,14 @@ holds ``ROOT/.lock`` (flock) throughout, so two flashes to one root never interl
 Protocol: JSON lines both ways; a file travels as a ``{"path", "size"}`` line followed by exactly ``size`` raw
 bytes. Any failure is sent as ``{"error": "..."}`` (one line that names the fix) and ends the session.
 
+Paths: every path the host or a manifest names is relative, without '.', '..' or empty parts (else the bundle is
+malformed and the request is refused), and nothing inside a bundle directory is ever followed if it is a symlink:
+a file or directory that is a symlink is not trusted when planning, not copied from, removed from staging, and
+refused when verifying or writing (lstat on every part, O_NOFOLLOW on the file itself). A bundle's name is
+``<model>@<first 12 hex of its manifest.json's sha256>``; the host sends the full sha256 too, and the manifest on
+the device must match both before anything is activated (rollback checks the name, and the full sha256 recorded
+in history.json when the bundle was activated).
+
 Layout under ROOT::
 
     bundles/<model>@<hash>/           deployed bundles (verified before they were renamed into place)
@@ -21,7 +29,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -33,6 +43,9 @@ PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 HEADS = "heads.npz"
 STALE_PARTIAL_S = 3600  # partials of *other* bundles older than this are leftovers of interrupted flashes
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+@([0-9a-f]{12})$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class AgentError(Exception):
@@ -73,37 +86,163 @@ def manifest_files(manifest):
     return out
 
 
+def manifest_paths(manifest):
+    """Every path a manifest names (each ``file``/``<x>_file`` string, with a sha256 beside it or not, and heads.npz):
+    what must stay inside the bundle."""
+    out = set(manifest_files(manifest))
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, rel in node.items():
+                if (key == "file" or key.endswith("_file")) and isinstance(rel, str):
+                    out.add(rel)
+                walk(rel)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(manifest)
+    return out
+
+
 def sha256_of(path):
+    """sha256 of the file at ``path``; a symlink there is not followed (OSError, ELOOP)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _safe_rel(rel):
-    """A relative path that stays inside its directory (the host's and the manifest's paths are checked)."""
+def _unsafe(rel):
+    """Why ``rel`` is no path inside a bundle ('is absolute', "has '..' in it"...), or None when it is one."""
+    if not isinstance(rel, str) or not rel:
+        return "is empty or not a string"
+    if rel.startswith("/") or os.path.isabs(rel):
+        return "is absolute"
     parts = rel.split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise AgentError("refusing unsafe path %r in the bundle" % rel)
-    return os.path.join(*parts)
+    if ".." in parts:
+        return "has '..' in it"
+    if any(p in ("", ".") for p in parts) or "\0" in rel:
+        return "has an empty or '.' part"
+    return None
 
 
-def _matches(path, sha):
+def _safe_rel(rel, what="the bundle"):
+    """A relative path that stays inside its directory (the host's and the manifest's paths are checked)."""
+    why = _unsafe(rel)
+    if why:
+        raise AgentError("%s is malformed: it names the path %r, which %s (a bundle holds only files inside its "
+                         "own directory); refused, not a problem with the device. Re-convert the bundle on the host "
+                         "and flash it again" % (what, rel, why))
+    return os.path.join(*rel.split("/"))
+
+
+def _link_in(top, rel):
+    """The first of ``top``, ``top/a``, ``top/a/b``... (for rel a/b/...) that is a symlink, or None.
+
+    Parts that do not exist end the search: whatever is created there later is created fresh.
+    """
+    path = top
+    for part in [None] + _safe_rel(rel).split(os.sep):
+        if part is not None:
+            path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return path
+    return None
+
+
+def _inside(top, rel):
+    """``top/rel``, refusing (AgentError) a symlink anywhere on the way: never followed inside a bundle."""
+    link = _link_in(top, rel)
+    if link:
+        raise AgentError("%s is a symlink on the device and edgequee never follows symlinks inside a bundle: "
+                         "refused, nothing was activated. Remove it (rm %s) and flash again" % (link, link))
+    return os.path.join(top, _safe_rel(rel))
+
+
+def _matches(top, rel, sha):
+    """Whether ``top/rel`` is a regular file with this sha256, reached through no symlink."""
     try:
-        return os.path.isfile(path) and sha256_of(path) == sha
+        if _unsafe(rel) or _link_in(top, rel):
+            return False
+        return sha256_of(os.path.join(top, _safe_rel(rel))) == sha
     except OSError:
         return False
 
 
 def _files_under(top):
-    """Relative paths ('/'-separated) of the regular files under ``top``."""
-    out = []
-    for d, dirs, names in os.walk(top):
+    """Relative paths ('/'-separated) under ``top``: (regular files, everything else that is no directory).
+
+    The second list holds symlinks (to files or directories; never followed) and special files.
+    """
+    files, others = [], []
+    for d, dirs, names in os.walk(top, followlinks=False):
         dirs.sort()
-        for n in sorted(names):
-            out.append(os.path.relpath(os.path.join(d, n), top).replace(os.sep, "/"))
-    return out
+        for n in sorted(dirs + names):
+            p = os.path.join(d, n)
+            rel = os.path.relpath(p, top).replace(os.sep, "/")
+            try:
+                mode = os.lstat(p).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode):
+                files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                others.append(rel)
+    return files, others
+
+
+def _read_bundle_json(top, rel, default):
+    """JSON from ``top/rel`` reached through no symlink, else ``default``."""
+    try:
+        with os.fdopen(os.open(_inside(top, rel), os.O_RDONLY | O_NOFOLLOW), "rb") as f:
+            return json.loads(f.read().decode())
+    except (AgentError, OSError, ValueError):
+        return default
+
+
+def _manifest_sha(top):
+    try:
+        return None if _link_in(top, MANIFEST) else sha256_of(os.path.join(top, MANIFEST))
+    except OSError:
+        return None
+
+
+def _check_identity(name, manifest_sha, files):
+    """The request's bundle name, full manifest sha256 and file list must agree (a swapped manifest is refused)."""
+    m = NAME_RE.match(name) if isinstance(name, str) else None
+    if not m:
+        raise AgentError("bad bundle name %r (expected <model>@<12 hex of the manifest's sha256>): run the flash "
+                         "again with this edgequee" % (name,))
+    if not isinstance(manifest_sha, str) or not SHA_RE.match(manifest_sha):
+        raise AgentError("the flash request has no manifest sha256 for %s (an older edgequee on the host?): "
+                         "upgrade edgequee there and flash again" % name)
+    listed = [f.get("sha256") for f in files if f.get("path") == MANIFEST]
+    if not manifest_sha.startswith(m.group(1)) or listed != [manifest_sha]:
+        raise AgentError("manifest mismatch for bundle %s: its name says the manifest's sha256 starts %s, the request "
+                         "says %s and the manifest.json listed is %s; the bundle or its manifest was swapped or "
+                         "changed on the way. Nothing was changed on the device: re-convert the bundle, or flash it "
+                         "again" % (name, m.group(1), manifest_sha[:12],
+                                    " and ".join(str(s)[:12] for s in listed) or "none"))
+
+
+def _name_problem(top, name, full_sha=None):
+    """Why the manifest in ``top`` is not the one bundle ``name`` was named for, or None."""
+    m = NAME_RE.match(name)
+    got = _manifest_sha(top)
+    if got is None:
+        return "%s (missing, unreadable or a symlink)" % MANIFEST
+    if m is None or not got.startswith(m.group(1)) or (full_sha and got != full_sha):
+        return ("%s (its sha256 %s is not the one the bundle is named for: the manifest was changed or swapped)"
+                % (MANIFEST, got[:12]))
+    return None
 
 
 def _fsync_dir(path):
@@ -164,10 +303,8 @@ class Channel:
             head = self.recv()
             if head.get("end"):
                 return written
-            dest = os.path.join(top, _safe_rel(head["path"]))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
             left = int(head["size"])
-            with open(dest, "wb") as f:
+            with _create(top, head["path"]) as f:
                 while left:
                     chunk = self.inp.read(min(left, 1 << 20))
                     if not chunk:
@@ -226,7 +363,8 @@ class Root:
         except OSError:
             return []
         return sorted(n for n in names if not n.endswith(PARTIAL) and not n.startswith(".")
-                      and os.path.isdir(os.path.join(self.bundles, n)))
+                      and os.path.isdir(os.path.join(self.bundles, n))
+                      and not os.path.islink(os.path.join(self.bundles, n)))
 
     def history(self):
         return [e for e in _read_json(os.path.join(self.path, HISTORY), []) if isinstance(e, dict) and "bundle" in e]
@@ -260,17 +398,31 @@ class Root:
         for n in os.listdir(self.bundles):
             p = os.path.join(self.bundles, n)
             if n.startswith(".trash-") or (n.endswith(PARTIAL) and now - os.path.getmtime(p) > STALE_PARTIAL_S):
-                shutil.rmtree(p, ignore_errors=True)
+                if os.path.islink(p):
+                    os.unlink(p)  # a link in bundles/: removed, what it points at is left alone
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
         self.write_history([e for e in self.history() if e["bundle"] in kept])
         return kept, removed
 
-    def verify_manifest(self, top):
-        """sha256 of every file the manifest in ``top`` lists; returns the failures as 'path (why)'."""
-        manifest = _read_json(os.path.join(top, MANIFEST), None)
+    def verify_manifest(self, top, name, full_sha=None):
+        """The manifest in ``top`` against the bundle's name, and the sha256 of every file it lists; returns the
+        failures as 'path (why)'. Nothing is followed through a symlink."""
+        manifest = _read_bundle_json(top, MANIFEST, None)
         if not isinstance(manifest, dict):
-            return ["%s (missing or not JSON)" % MANIFEST]
-        return ["%s (sha256 mismatch)" % rel for rel, sha in sorted(manifest_files(manifest).items())
-                if not _matches(os.path.join(top, _safe_rel(rel)), sha)]
+            return ["%s (missing, not JSON or a symlink)" % MANIFEST]
+        bad = [p for p in [_name_problem(top, name, full_sha)] if p]
+        for rel in sorted(manifest_paths(manifest)):
+            if _unsafe(rel):
+                bad.append("%s (an unsafe path: it %s; the bundle is malformed)" % (rel, _unsafe(rel)))
+        for rel, sha in sorted(manifest_files(manifest).items()):
+            if _unsafe(rel):
+                continue
+            if _link_in(top, rel):
+                bad.append("%s (a symlink: never followed)" % rel)
+            elif not _matches(top, rel, sha):
+                bad.append("%s (sha256 mismatch)" % rel)
+        return bad
 
 
 # ------------------------------------------------------------------------------------------------ operations
@@ -281,11 +433,12 @@ def _candidates(root, name):
     out = {}
     for other in root.deployed():
         top = root.bundle(other)
-        manifest = _read_json(os.path.join(top, MANIFEST), {})
+        manifest = _read_bundle_json(top, MANIFEST, {})
         if not isinstance(manifest, dict):
             continue
         for rel, sha in manifest_files(manifest).items():
-            out.setdefault(sha, []).append((other, os.path.join(top, _safe_rel(rel))))
+            if not _unsafe(rel):  # a malformed old bundle offers nothing, but does not block this flash
+                out.setdefault(sha, []).append((other, top, rel))
     return out
 
 
@@ -293,8 +446,8 @@ def _plan(root, name, files):
     """For each file: 'on device' (in the deployed bundle), 'staged' (resumed), 'copy' (from another bundle), 'upload'."""
     final = root.bundle(name)
     partial = final + PARTIAL
-    in_final = {f["path"]: _matches(os.path.join(final, _safe_rel(f["path"])), f["sha256"])
-                for f in files} if os.path.isdir(final) else {}
+    in_final = {f["path"]: _matches(final, f["path"], f["sha256"])
+                for f in files} if os.path.isdir(final) and not os.path.islink(final) else {}
     final_ok = bool(in_final) and all(in_final.values())
     candidates = None if final_ok else _candidates(root, name)
     plan = []
@@ -305,23 +458,32 @@ def _plan(root, name, files):
             entry.update(action="on device", source=name)
         elif in_final.get(rel):  # a damaged or outdated copy of this bundle: keep what still verifies
             entry.update(action="copy", source=name, from_path=os.path.join(final, _safe_rel(rel)))
-        elif _matches(os.path.join(partial, _safe_rel(rel)), sha):
+        elif _matches(partial, rel, sha):
             entry.update(action="staged", source=name + PARTIAL)
         else:
-            for other, path in candidates.get(sha, []):
-                if _matches(path, sha):  # never trust a claim: bit rot in an old bundle must not spread
-                    entry.update(action="copy", source=other, from_path=path)
+            for other, top, path in candidates.get(sha, []):
+                if _matches(top, path, sha):  # never trust a claim: bit rot in an old bundle must not spread
+                    entry.update(action="copy", source=other, from_path=os.path.join(top, _safe_rel(path)))
                     break
         plan.append(entry)
     return final_ok, plan
 
 
-def _copy(src, dest):
-    """A real copy, not a hard link: bit rot in one deployed bundle must not reach the others."""
+def _create(top, rel):
+    """Open ``top/rel`` for writing (truncated), its directories made; a symlink on the way is refused."""
+    dest = _inside(top, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.copyfile(src, dest)
-    with open(dest, "rb+") as f:
-        os.fsync(f.fileno())
+    _inside(top, rel)  # nothing turned into a symlink meanwhile
+    return os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o666), "wb")
+
+
+def _copy(src, top, rel):
+    """A real copy, not a hard link: bit rot in one deployed bundle must not reach the others. ``src`` is never
+    followed if it is a symlink (the planner checked every part of it), nor is anything in ``top/rel``."""
+    with os.fdopen(os.open(src, os.O_RDONLY | O_NOFOLLOW), "rb") as fin, _create(top, rel) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def _stage(root, name, plan):
@@ -329,43 +491,82 @@ def _stage(root, name, plan):
     final = root.bundle(name)
     partial = final + PARTIAL
     keep = {e["path"] for e in plan if e["action"] == "staged"}
+    if os.path.islink(partial):
+        os.unlink(partial)  # the link, never what it points at
     if os.path.isdir(partial):
-        for rel in _files_under(partial):
+        files, others = _files_under(partial)
+        for rel in others:  # symlinks (to files or directories) and special files: removed, never followed
+            os.unlink(os.path.join(partial, rel))
+        for rel in files:
             if rel not in keep:
-                os.unlink(os.path.join(partial, _safe_rel(rel)))
+                os.unlink(os.path.join(partial, rel))
     os.makedirs(partial, exist_ok=True)
     os.utime(partial)
     for e in plan:
         if e["action"] == "copy":
-            _copy(e["from_path"], os.path.join(partial, _safe_rel(e["path"])))
-    if os.path.isdir(final):  # carry files the device wrote itself (e.g. profiles/<device>.json) over
-        ours = {e["path"] for e in plan}
-        for rel in _files_under(final):
-            if rel not in ours:
-                _copy(os.path.join(final, _safe_rel(rel)), os.path.join(partial, _safe_rel(rel)))
+            _copy(e["from_path"], partial, e["path"])
+    if os.path.isdir(final) and not os.path.islink(final):  # carry files the device wrote itself over
+        ours = {e["path"] for e in plan}  # (e.g. profiles/<device>.json); symlinks there are left behind
+        for rel in _files_under(final)[0]:
+            if rel not in ours and not _unsafe(rel) and not _link_in(final, rel):
+                _copy(os.path.join(final, _safe_rel(rel)), partial, rel)
     return partial
 
 
-def _verify(top, files):
-    """sha256 of every file against the host's list and against the manifest on the device; raises on mismatch."""
+def _verify(top, files, name=None, manifest_sha=None):
+    """sha256 of every file against the host's list and against the manifest on the device; raises on mismatch.
+
+    Also refused: a symlink anywhere in ``top`` (removed, so the next flash replaces it), a manifest naming an
+    unsafe path or a file the host did not send (a malformed bundle), and, given ``name``/``manifest_sha``, a
+    manifest.json that is not the one the bundle is named for.
+    """
+    links = set(_files_under(top)[1]) | {f["path"] for f in files if _link_in(top, f["path"])}
+    if links:
+        for rel in links:
+            if os.path.islink(os.path.join(top, rel)):
+                os.unlink(os.path.join(top, rel))  # the link itself, so the next flash replaces it
+        raise AgentError("%s in %s on the device: a symlink or special file, and edgequee never follows symlinks "
+                         "inside a bundle; refused, nothing was activated. Run the flash again"
+                         % (", ".join(sorted(links)[:3]), top))
     bad = []
     for f in files:
         path = os.path.join(top, _safe_rel(f["path"]))
-        got = sha256_of(path) if os.path.isfile(path) else "missing"
+        try:
+            got = sha256_of(path)
+        except OSError:
+            got = "missing"
         if got != f["sha256"]:
             bad.append((f["path"], f["sha256"], got))
-    manifest = _read_json(os.path.join(top, MANIFEST), None)
-    if isinstance(manifest, dict):
-        listed = {f["path"] for f in files}
-        bad += [(rel, sha, "not sent") for rel, sha in manifest_files(manifest).items() if rel not in listed]
     for rel, _, got in bad:
-        if got not in ("missing", "not sent"):
+        if got != "missing":
             os.unlink(os.path.join(top, _safe_rel(rel)))  # so the next flash uploads it again
+    if name is not None:
+        for rel, want, got in bad:
+            if rel == MANIFEST:
+                raise AgentError("manifest mismatch on the device for %s: the manifest.json received has sha256 %s, "
+                                 "not %s, the manifest the bundle is named for (it was changed or swapped on the "
+                                 "way, or on the host during the flash); nothing was activated. Run the flash again"
+                                 % (name, got[:12], want[:12]))
     if bad:
         what = ", ".join("%s (expected %s, got %s)" % (rel, want[:12], got[:12]) for rel, want, got in bad[:3])
         raise AgentError("sha256 mismatch on the device for %d file(s): %s%s; nothing was activated. Run the flash "
                          "again; if it fails again the device's storage may be failing"
                          % (len(bad), what, " ..." if len(bad) > 3 else ""))
+    manifest = _read_bundle_json(top, MANIFEST, None)
+    if isinstance(manifest, dict):
+        for rel in sorted(manifest_paths(manifest)):
+            _safe_rel(rel)  # a malformed bundle, refused as such (not as a storage failure)
+        listed = {f["path"] for f in files}
+        unsent = sorted(rel for rel in manifest_files(manifest) if rel not in listed)
+        if unsent:
+            raise AgentError("the bundle is malformed: its manifest lists %s, which the host did not send (no such "
+                             "file in the bundle); nothing was activated. Re-convert the bundle and flash it again"
+                             % ", ".join(unsent[:3]))
+    if name is not None:
+        problem = _name_problem(top, name, manifest_sha)
+        if problem:
+            raise AgentError("manifest mismatch on the device for %s: %s; nothing was activated. Run the flash "
+                             "again" % (name, problem))
 
 
 def op_flash(ch, req):
@@ -373,6 +574,7 @@ def op_flash(ch, req):
     name, files, dry = req["bundle"], req["files"], bool(req.get("dry_run"))
     for f in files:
         _safe_rel(f["path"])
+    _check_identity(name, req.get("manifest_sha256"), files)
     lock = None if dry else Lock(root)
     try:
         final_ok, plan = _plan(root, name, files)
@@ -395,7 +597,7 @@ def op_flash(ch, req):
         if not ch.recv().get("activate"):
             return
         if not final_ok:
-            _verify(top, files)
+            _verify(top, files, name, req["manifest_sha256"])
             for d, _, _ in os.walk(top):
                 _fsync_dir(d)
             if os.path.isdir(final):  # replacing a damaged or outdated copy of the same bundle
@@ -404,7 +606,8 @@ def op_flash(ch, req):
             _fsync_dir(root.bundles)
         if current != name:
             root.switch(name)
-            root.write_history(root.history() + [{"bundle": name, "activated": _now()}])
+            root.write_history(root.history() + [{"bundle": name, "activated": _now(),
+                                                   "manifest_sha256": req["manifest_sha256"]}])
         kept, removed = root.prune(int(req.get("keep", 3)))
         ch.send(done=True, current=name, previous=current, verified=len(files), kept=kept, removed=removed)
     finally:
@@ -425,7 +628,7 @@ def op_rollback(ch, req):
         if not history:
             raise AgentError("no previous bundle to roll back to under %s (current: %s)" % (root.path, current))
         prev = history[-1]["bundle"]
-        bad = root.verify_manifest(root.bundle(prev))
+        bad = root.verify_manifest(root.bundle(prev), prev, history[-1].get("manifest_sha256"))
         if bad:
             raise AgentError("the previous bundle %s fails verification on the device: %s; not activated, current "
                              "is still %s. Re-flash it from the host to repair it" % (prev, ", ".join(bad), current))
@@ -445,7 +648,7 @@ def op_runtime(ch, req):
         wheels = os.path.join(root.path, "wheels")
         staging = wheels + PARTIAL
         files = req["files"]
-        need = [f["path"] for f in files if not _matches(os.path.join(wheels, _safe_rel(f["path"])), f["sha256"])]
+        need = [f["path"] for f in files if not _matches(wheels, f["path"], f["sha256"])]
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         ch.send(ready=need, partial=staging)
@@ -453,7 +656,7 @@ def op_runtime(ch, req):
         _verify(staging, [f for f in files if f["path"] in need])
         os.makedirs(wheels, exist_ok=True)
         for rel in need:
-            os.replace(os.path.join(staging, rel), os.path.join(wheels, rel))
+            os.replace(os.path.join(staging, _safe_rel(rel)), os.path.join(wheels, _safe_rel(rel)))
         shutil.rmtree(staging)
         venv = os.path.join(root.path, "venv")
         python = os.path.join(venv, "bin", "python")
@@ -492,8 +695,8 @@ def op_profile(ch, req):
         raise AgentError("no edgequee runtime at %s: install one with edgequee flash --install-runtime BUNDLE TARGET, "
                          "or pass --remote-python" % python)
     _run([python, "-m", "edgequee.cli", "profile", top] + req["args"], "its output is above")
-    path = os.path.join(top, "profiles", _safe_rel(req["device"] + ".json"))
-    with open(path, "rb") as f:
+    path = _inside(top, "profiles/" + req["device"] + ".json")
+    with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
         data = f.read()
     ch.send(done=True, profile=base64.b64encode(data).decode(), sha256=hashlib.sha256(data).hexdigest(), path=path)
 

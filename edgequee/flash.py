@@ -13,17 +13,25 @@ the manifest there, renames the staging directory into place and only then switc
 rename over a fresh symlink. An interrupted transfer leaves ``current`` as it was; the next flash resumes.
 ``<hash>`` is the first 12 hex digits of manifest.json's sha256: the same conversion is the same bundle, so
 flashing it again is a quick switch (after re-verifying the copy on the device).
+
+Nothing outside the bundle is ever sent: before any connection, a symlink or special file anywhere in the bundle,
+or a manifest entry that is absolute, has '..' or resolves outside it, is refused here (FlashError naming the file
+and the fix), and files are read without following links. The request carries the manifest's full sha256, which
+the agent checks against the bundle's name and against what arrived. TARGET's grammar is in ``Target``.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -58,26 +66,120 @@ class FlashError(DeviceError):
 # --------------------------------------------------------------------------------------------------- targets
 
 
+_TARGET_FORM = ("expected [user@]host[:port][:path] (port 1-65535, path starting with / or ~), e.g. "
+                "pi@raspberrypi.local, pi@10.0.0.7:2222 or pi@10.0.0.7:2222:/opt/edgequee")
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a name, an ssh-config alias or an IPv4 address
+_ZONE_RE = re.compile(r"[A-Za-z0-9_.-]+")  # the %zone of a link-local IPv6 address
+
+
+def _bad_target(spec: str, why: str) -> FlashError:
+    return FlashError(f"bad target {spec!r}: {why}; {_TARGET_FORM}")
+
+
+def _target_problem(host: str, user: str | None, port: int | None, root: str) -> str | None:
+    """Why these fields make no target (None when they do): what Target.parse and Target(...) both refuse."""
+    if not host:
+        return "no host"
+    if ":" in host:  # IPv6, written [addr] or [addr%zone] in a TARGET
+        addr, _, zone = host.partition("%")
+        try:
+            ipaddress.IPv6Address(addr)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        if "%" in host and not _ZONE_RE.fullmatch(zone):
+            return f"{host!r} has a bad zone after %"
+    elif not _HOST_RE.fullmatch(host):
+        return f"{host!r} is not a host name or address (letters, digits, '.', '_', '-'; IPv6 in brackets)"
+    if user is not None and not _USER_RE.fullmatch(user):
+        return f"{user!r} is not a user name (letters, digits, '.', '_', '-')"
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        return f"port {port!r} is out of range (1-65535)"
+    if not root or any(ord(c) < 32 or c == "\x7f" for c in root):
+        return "the path is empty or has control characters in it"
+    return None
+
+
 @dataclass(frozen=True)
 class Target:
-    """``[user@]host[:port][:path]``; the path defaults to ~/edgequee and a relative one is under the home."""
+    """Where to flash: ``[user@]host[:port][:path]``.
+
+    The grammar, strictly (anything else is an error that names this form, never a directory name):
+
+    - ``user``: letters, digits, ``.``, ``_``, ``-`` (not starting with ``-``); absent: ssh's default user;
+    - ``host``: a host name, ssh-config alias or IPv4 address (letters, digits, ``.``, ``_``, ``-``, not starting
+      with ``-`` or ``.``), or an IPv6 address in brackets (``[fe80::1]``, ``[fe80::1%eth0]``); never empty;
+    - ``:port``: decimal digits only, 1-65535;
+    - ``:path``: starts with ``/`` (absolute) or ``~`` (``~/models``: under the remote home); empty (``host:``,
+      ``host:22:``) or absent means ``~/edgequee``. A field after the host that is neither digits nor starts with
+      ``/`` or ``~`` (``host:models``, ``host:22x``) is refused: write ``host:~/models`` for a folder in the home.
+
+    Nothing here reaches a shell: ssh gets user, port and host as separate arguments (``-l``, ``-p``, ``--
+    host``; the characters allowed in user and host leave nothing for ssh's ``%h``/``%r`` expansion to inject),
+    and the path travels inside the JSON request to the device agent, which never hands it to a shell either.
+    """
 
     host: str
     user: str | None = None
     port: int | None = None
     root: str = DEFAULT_ROOT
 
-    _RE = re.compile(r"(?:(?P<user>[^@\s:/]+)@)?(?P<host>\[[0-9A-Fa-f:.%]+\]|[^\s:@/\[\]]+)"
-                     r"(?::(?P<port>\d+))?(?::(?P<root>.+))?")
+    def __post_init__(self) -> None:
+        why = _target_problem(self.host, self.user, self.port, self.root)
+        if why:
+            raise _bad_target(f"{self.user + '@' if self.user else ''}{self.host}", why)
 
     @classmethod
     def parse(cls, spec: str) -> "Target":
-        m = cls._RE.fullmatch(spec.strip())
-        if not m or m["host"].startswith("-"):
-            raise FlashError(f"bad target {spec!r}: expected user@host[:port][:/path], e.g. pi@raspberrypi.local or "
-                             "pi@10.0.0.7:2222:/opt/edgequee")
-        return cls(m["host"].strip("[]"), m["user"], int(m["port"]) if m["port"] else None,
-                   m["root"] or DEFAULT_ROOT)
+        text = spec.strip()
+        if not text:
+            raise _bad_target(spec, "it is empty")
+        at, first_colon = text.find("@"), text.find(":")
+        user = None
+        if at >= 0 and (first_colon < 0 or at < first_colon):  # an '@' after the first ':' belongs to the path
+            user, text = text[:at], text[at + 1:]
+            if not user:
+                raise _bad_target(spec, "no user before '@' (leave out the '@' for ssh's default user)")
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                raise _bad_target(spec, "no ']' after the IPv6 address")
+            host, rest = text[1:close], text[close + 1:]
+            if host and ":" not in host:
+                raise _bad_target(spec, f"brackets are for IPv6 addresses, not {host!r}")
+            if rest and not rest.startswith(":"):
+                raise _bad_target(spec, f"{rest!r} after ']'")
+        else:
+            host, colon, rest = text.partition(":")
+            rest = colon + rest
+        if not host:
+            raise _bad_target(spec, "no host")
+        where = text[:len(text) - len(rest)]  # the host as written, brackets and all
+        port, root = None, DEFAULT_ROOT
+        if rest:
+            field = rest[1:]  # after the host's ':'
+            if field.startswith(("/", "~")):
+                root = field
+            elif field:
+                head, sep, tail = field.partition(":")
+                if not head:
+                    raise _bad_target(spec, "an empty port between the colons (give 1-65535 or leave the port "
+                                            "out; an IPv6 address goes in brackets: [fe80::1])")
+                if not re.fullmatch(r"[0-9]+", head):
+                    raise _bad_target(spec, f"{head!r} is neither a port (1-65535) nor a path starting with / or "
+                                            f"~ (write {where}:~/{head} for a folder in the home)")
+                port = int(head)
+                if not 1 <= port <= 65535:
+                    raise _bad_target(spec, f"port {head} is out of range (1-65535)")
+                if sep and tail:
+                    if not tail.startswith(("/", "~")):
+                        raise _bad_target(spec, f"the path {tail!r} must start with / or ~ (write {where}:{head}:~/"
+                                                f"{tail} for a folder in the home)")
+                    root = tail
+        why = _target_problem(host, user, port, root)
+        if why:
+            raise _bad_target(spec, why)
+        return cls(host, user, port, root)
 
     @property
     def address(self) -> str:
@@ -243,12 +345,17 @@ class _Session:
                 text += " | device output: " + " / ".join(tail)
         return FlashError(text)
 
-    def send_files(self, top: Path, files: Sequence[dict[str, Any]], progress: Progress | None) -> int:
-        """Stream ``files`` (dicts with path and size, relative to ``top``) to the agent; return the bytes sent."""
+    def send_files(self, top: Path, files: Sequence[dict[str, Any]], progress: Progress | None,
+                   follow_links: bool = False) -> int:
+        """Stream ``files`` (dicts with path and size, relative to ``top``) to the agent; return the bytes sent.
+
+        A symlink on the way to a file is refused unless ``follow_links`` (the runtime's wheels, which edgequee
+        itself links into a temporary folder): a bundle's files are sent only from inside the bundle.
+        """
         total, done = sum(f["size"] for f in files), 0
         for f in files:
             self.send(path=f["path"], size=f["size"])
-            with open(top / f["path"], "rb") as src:
+            with (open(top / f["path"], "rb") if follow_links else _open_in_bundle(top, f["path"])) as src:
                 left = f["size"]
                 while left:
                     chunk = src.read(min(left, 1 << 20))
@@ -299,24 +406,144 @@ class LocalBundle:
     path: Path
     name: str  # <model>@<first 12 hex of manifest.json's sha256>
     files: tuple[dict[str, Any], ...]
+    manifest_sha256: str = ""  # all of it: the device checks it against the name and against what it received
 
     @property
     def size(self) -> int:
         return sum(f["size"] for f in self.files)
 
 
+_LINK_FIX = "replace the symlink with the file or re-convert the bundle"
+
+
+def _walk_bundle(top: Path) -> dict[str, int]:
+    """``{relative path: size}`` of the regular files under ``top``, refusing any symlink or special file in it.
+
+    Nothing is followed (os.walk without followlinks, lstat on every entry), so a link in a bundle can never make
+    flash read, and send to a device, a file from elsewhere on this machine (a private key, say).
+    """
+
+    def fail(e: OSError) -> None:
+        raise FlashError(f"cannot read {e.filename}: {e.strerror}; check the bundle's permissions") from None
+
+    files = {}
+    for d, dirs, names in os.walk(top, onerror=fail, followlinks=False):
+        for n in sorted(dirs + names):
+            p = os.path.join(d, n)
+            rel = os.path.relpath(p, top).replace(os.sep, "/")
+            try:
+                st = os.lstat(p)
+            except OSError as e:
+                fail(e)
+            if stat.S_ISLNK(st.st_mode):
+                kind = "directory" if os.path.isdir(p) else "file"
+                raise FlashError(f"{top}: {rel} is a symlink ({kind} link to {os.readlink(p)}) and flash never "
+                                 f"follows links out of a bundle: {_LINK_FIX}")
+            if stat.S_ISREG(st.st_mode):
+                files[rel] = st.st_size
+            elif not stat.S_ISDIR(st.st_mode):
+                raise FlashError(f"{top}: {rel} is not a regular file or directory (a fifo, socket or device): "
+                                 "remove it or re-convert the bundle")
+    return files
+
+
+def _check_manifest_paths(top: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest naming a file outside the bundle: absolute, with '..' (or '.', or an empty part), or
+    resolving out of ``top``. Checked here on its own, whatever load_bundle does."""
+    real_top = os.path.realpath(top)
+    for rel in sorted(_flash_agent.manifest_paths(manifest)):
+        parts = rel.split("/")
+        why = ("is an absolute path" if rel.startswith("/") or os.path.isabs(rel) else
+               "has '..' in it" if ".." in parts else
+               "is empty or has an empty or '.' part" if not rel or any(p in ("", ".") for p in parts) or "\0" in rel
+               else None)
+        if why is None:
+            real = os.path.realpath(os.path.join(real_top, *parts))
+            if os.path.commonpath([real_top, real]) != real_top:
+                why = "resolves outside the bundle"
+        if why:
+            raise FlashError(f"{top}: the manifest lists the file {rel!r}, which {why}; a bundle holds only files "
+                             "inside its own directory and flash sends nothing else: re-convert the bundle")
+
+
+def _load(top: Path) -> Any:
+    """load_bundle, every failure of it reported as one line (a BundleError as it is)."""
+    try:
+        return load_bundle(top)
+    except BundleError:
+        raise
+    except OSError as e:
+        raise FlashError(f"cannot read the bundle {top}: {e.strerror or e}; check the path and its permissions"
+                         ) from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise FlashError(f"{top / MANIFEST} is malformed ({type(e).__name__}: {e}); re-convert the bundle") from None
+
+
 def scan_bundle(path: str | os.PathLike[str]) -> LocalBundle:
-    """Verify the bundle here (as ``load_bundle`` does) and list every file in it (hidden temp files excepted)."""
-    bundle = load_bundle(path)
-    raw = (bundle.path / MANIFEST).read_bytes()
-    vouched = _flash_agent.manifest_files(json.loads(raw))
+    """Verify the bundle here (as ``load_bundle`` does) and list every file in it (hidden temp files excepted).
+
+    Before anything is read through them, a symlink or special file anywhere in the bundle and a manifest entry
+    that points outside it are refused (FlashError naming the file and the fix).
+    """
+    top = Path(path)
+    if not top.is_dir():
+        _load(top)  # says what is wrong (no such bundle, no manifest.json)
+        raise FlashError(f"{top} is not a directory: give the bundle's directory (made by edgequee convert)")
+    sizes = _walk_bundle(top)
+    if MANIFEST not in sizes:
+        _load(top)
+    with _open_in_bundle(top, MANIFEST) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        data = None  # load_bundle says what is wrong with it
+    if isinstance(data, dict):
+        _check_manifest_paths(top, data)
+    bundle = _load(top)
+    vouched = _flash_agent.manifest_files(data) if isinstance(data, dict) else {}
+    manifest_sha = hashlib.sha256(raw).hexdigest()
     files = []
-    for f in sorted(p for p in bundle.path.rglob("*") if p.is_file()):
-        rel = f.relative_to(bundle.path).as_posix()
-        if not any(part.startswith(".") for part in rel.split("/")):
-            files.append({"path": rel, "size": f.stat().st_size, "sha256": vouched.get(rel) or sha256_file(f)})
+    for rel, size in sorted(sizes.items()):
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        sha = manifest_sha if rel == MANIFEST else vouched.get(rel) or _sha256_in_bundle(top, rel)
+        files.append({"path": rel, "size": size, "sha256": sha})
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", bundle.manifest.model).strip(".-") or "bundle"
-    return LocalBundle(bundle.path, f"{model}@{hashlib.sha256(raw).hexdigest()[:12]}", tuple(files))
+    return LocalBundle(top, f"{model}@{manifest_sha[:12]}", tuple(files), manifest_sha)
+
+
+def _open_in_bundle(top: Path, rel: str) -> IO[bytes]:
+    """``top/rel`` for reading, refusing (FlashError) if any part of it is a symlink now (it was not when scanned)."""
+    path = top
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise FlashError(f"{top}: {rel} changed while it was being flashed ({e.strerror}): run the flash again"
+                             ) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise FlashError(f"{top}: {rel} is a symlink now (it changed while it was being flashed): {_LINK_FIX}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FlashError(f"{top}: {rel} is a symlink now: {_LINK_FIX}") from None
+        raise FlashError(f"cannot read {path}: {e.strerror}; check the bundle's permissions") from None
+    now = os.fstat(fd)
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise FlashError(f"{top}: {rel} changed while it was being flashed: run the flash again")
+    return os.fdopen(fd, "rb")
+
+
+def _sha256_in_bundle(top: Path, rel: str) -> str:
+    h = hashlib.sha256()
+    with _open_in_bundle(top, rel) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- runtime
@@ -388,7 +615,8 @@ def _install_runtime(target: Target, payload: _Payload, ssh: SshOptions, echo: I
     with _session(target, ssh, request, echo) as s:
         need = set(s.recv()["ready"])
         assert payload.top is not None or not need
-        sent = s.send_files(payload.top or Path("."), [f for f in payload.files if f["path"] in need], None)
+        sent = s.send_files(payload.top or Path("."), [f for f in payload.files if f["path"] in need], None,
+                            follow_links=True)
         done = s.recv()
     return {"python": done["python"], "edgequee": done["edgequee"], "python_version": done["python_version"],
             "uploaded_bytes": sent, "source": "wheels (offline)" if rt.wheels else
@@ -425,8 +653,8 @@ def _flash(local: LocalBundle, target: Target, keep: int, dry_run: bool, ssh: Ss
                               "total_bytes": local.size, "runtime": None}
     if payload is not None:
         report["runtime"] = _install_runtime(target, payload, ssh, echo)
-    request = {"op": "flash", "root": target.root, "bundle": local.name, "files": list(local.files), "keep": keep,
-               "dry_run": dry_run}
+    request = {"op": "flash", "root": target.root, "bundle": local.name, "manifest_sha256": local.manifest_sha256,
+               "files": list(local.files), "keep": keep, "dry_run": dry_run}
     with _session(target, ssh, request) as s:
         plan = s.recv()
         report.update(root=plan["root"], previous=plan["current"], free_bytes=plan["free_bytes"], files=plan["plan"],
