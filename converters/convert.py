@@ -7,6 +7,7 @@ activations reaching each block) → check parity against torch → write the bu
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import tempfile
@@ -26,11 +27,13 @@ from edgequee.bundle import (
     Manifest,
     ParityReport,
     PrecisionArtifact,
+    check_replaceable,
     save_heads,
     staging_dir,
     write_bundle,
 )
 from edgequee.errors import ConversionError
+from edgequee.locking import remove_stale
 from edgequee.progress import Progress
 
 from .edgetpu import export_edgetpu_blocks
@@ -82,6 +85,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
+SCRATCH_PREFIX = "edgequee-convert-"
+
+
+def _scratch() -> tempfile.TemporaryDirectory[str]:
+    """The converter's scratch folder in the system temp folder, named with this pid; the scratch folders of
+    conversions that were killed (dead pids) are removed first."""
+    remove_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
 def convert_model(
     model: MultiExitModel,
     dest: Path,
@@ -111,8 +124,8 @@ def convert_model(
     if len(calib_images) == 0 and ("int8" in precisions or "int8" in whole_precisions):
         raise ConversionError("int8 needs calibration data: pass --calib DATA with real images")
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise ConversionError(f"{dest} exists; pass --force to replace it")
+    if os.path.lexists(dest):
+        check_replaceable(dest, overwrite)  # before minutes of work: never a folder that is not a bundle
     model.eval()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -121,7 +134,7 @@ def convert_model(
         (stage / "blocks").mkdir()
         (stage / "whole").mkdir()
         n_graphs = len(model.blocks) + (1 if whole_precisions else 0)
-        with torch.no_grad(), tempfile.TemporaryDirectory(prefix="edgequee-convert-") as tmp:
+        with torch.no_grad(), _scratch() as tmp:
             work = Path(tmp)
             x_cal = model.normalize(torch.from_numpy(calib_images))
             sample01 = calib_images[:20].astype(np.float32) / 255.0

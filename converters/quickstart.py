@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequee.bundle import load_bundle
+from edgequee.bundle import is_bundle_dir, load_bundle
 from edgequee.data import Dataset, load_dataset, save_npz
 from edgequee.errors import EdgequeeError
 
@@ -56,10 +56,26 @@ def device_command(workdir: Path, *args: str) -> dict[str, Any]:
         report.unlink(missing_ok=True)
 
 
+MARKER = ".edgequee-quickstart"  # in OUT: the folder is the quickstart's own, and may be overwritten
+
+
+def _claim(out: Path) -> Path:
+    """``out`` made or reused as the quickstart's folder; a folder holding anything else is refused, never
+    overwritten (a bundle of an earlier quickstart counts as the quickstart's own)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise EdgequeeError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not is_bundle_dir(out / "bundle"):
+        raise EdgequeeError(f"{out} holds files that the quickstart did not write; edgequee will not overwrite "
+                            "them: choose another --out (or an empty or new folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by edgequee quickstart: its files here are replaced on every run\n")
+    return out
+
+
 def run_quickstart(out: Path, num_threads: int = 1, progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """convert → profile (host) → calibrate (auto) → bench; returns the combined report. ``out/bundle`` is
     replaced; ``out/calibration.npz`` and ``out/test.npz`` hold the two image sets the device steps read."""
-    out = Path(out)
+    out = _claim(Path(out))
     data = load_dataset(SAMPLE_DATA)
     model = load_checkpoint(DEFAULT_MODEL)
     steps = ["convert", "profile", "calibrate", "bench"]

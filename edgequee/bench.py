@@ -253,5 +253,5 @@ def _policy_row(bundle: Bundle, policy: Policy, images: np.ndarray, labels: np.n
         "accuracy": float((got[:, 1] == labels).mean()),
         "mean_macs": float(macs[got[:, 0]].mean()),
         "exit_histogram": np.bincount(got[:, 0], minlength=bundle.manifest.num_exits).tolist(),
-        "certified": runner.certificate is not None,
+        "certified": (cert := runner.certificate) is not None and cert.feasible,
     }, got

@@ -14,6 +14,11 @@ A bundle is a directory::
 Every file named by the manifest carries its sha256 and is verified by ``load_bundle``. Bundles are written
 into a temporary sibling directory and renamed into place, so a failed conversion never leaves half a bundle.
 
+A bundle is untrusted input (``schema.py``): every path it names is relative and inside it, it holds no symlinks,
+and every JSON file is validated before a number is read from it. The stored policy's certificate carries the
+sha256 of the policy it certifies (``StoredPolicy.spec_sha256``); a policy edited after calibration loads as
+uncertified. Writers take turns under ``locking.bundle_lock``; readers take no lock (see ``write_policy``).
+
 Why int8 exit heads end in numpy: each block graph outputs the exit's logits *and* the head's features (e.g.
 pooled activations). Float graphs' logits are used as they are; for int8 graphs the head's last Linear runs in
 float on the device (microseconds) on the dequantized features. Quantizing that last layer to int8 rounds the
@@ -23,12 +28,18 @@ heads: isolated int8 exit agreement 0.80 at the first exit with the Linear in in
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -36,6 +47,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from .errors import BundleError
+from .locking import bundle_lock, pid_alive, remove_stale
+from .schema import CALIBRATE_FIX, check_device_name, check_manifest, check_policy_spec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +76,11 @@ __all__ = [
     "Certificate",
     "StoredPolicy",
     "write_policy",
+    "write_profile",
+    "PolicyKept",
+    "check_replaceable",
+    "is_bundle_dir",
+    "refuse_symlinks",
 ]
 
 FORMAT_VERSION = 1
@@ -276,6 +294,7 @@ class Certificate:
     edgequee_version: str
     reference: str = "the policy at its safe knob"  # what the risk is measured against
     compared: Mapping[str, Any] | None = None  # calibrate --policy auto: the candidates and how the winner was chosen
+    policy_sha256: str | None = None  # StoredPolicy.spec_sha256 of the policy certified: what binds the two
 
 
 @dataclass(frozen=True)
@@ -288,6 +307,40 @@ class StoredPolicy:
     calibration: Mapping[str, Any] | None = None  # data_fingerprint, n_cal, device, objective, ...
     certificate: Certificate | None = None
     arrays: Mapping[str, np.ndarray] | None = field(default=None, compare=False)  # stored beside, not in the JSON
+    certificate_problem: str | None = field(default=None, compare=False)  # why a stored certificate was dropped
+
+    def spec_sha256(self) -> str:
+        """sha256 of what a certificate vouches for: name, params, knob and the learned arrays (not the
+        calibration notes). Params are hashed as their canonical JSON, arrays as dtype, shape and bytes."""
+        h = hashlib.sha256(json.dumps({"name": self.name, "params": dict(self.params), "knob": self.knob},
+                                      sort_keys=True, default=json_default).encode())
+        for k in sorted(self.arrays or {}):
+            a = np.ascontiguousarray(self.arrays[k])  # type: ignore[index]
+            h.update(f"\0{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def certified(self) -> "StoredPolicy":
+        """This policy with its certificate bound to it (``Certificate.policy_sha256``)."""
+        if self.certificate is None:
+            return self
+        return dataclasses.replace(self, certificate=dataclasses.replace(self.certificate,
+                                                                          policy_sha256=self.spec_sha256()))
+
+    def checked(self) -> "StoredPolicy":
+        """This policy as loaded: a certificate that does not vouch for exactly these params and arrays is
+        dropped, and ``certificate_problem`` says why."""
+        c = self.certificate
+        if c is None:
+            return self
+        if c.policy_sha256 is None:
+            problem = "its certificate names no policy hash (made by an older edgequee)"
+        elif c.policy_sha256 != self.spec_sha256():
+            problem = "its params or arrays differ from what the certificate was computed for (edited after calibration?)"
+        else:
+            return self
+        return dataclasses.replace(self, certificate=None,
+                                   certificate_problem=f"{problem}; it runs uncertified: re-run edgequee calibrate")
 
     def to_json(self) -> dict[str, Any]:
         """The spec file's content (arrays excluded)."""
@@ -349,6 +402,7 @@ class Manifest:
                 f"bundle format_version {version!r}, this edgequee reads {FORMAT_VERSION}; "
                 "re-convert the model or install the matching edgequee"
             )
+        check_manifest(d)
         try:
             return cls(
                 model=d["model"],
@@ -406,12 +460,20 @@ def json_default(o: Any) -> Any:
 
 
 class Bundle:
-    """A verified bundle on disk: its manifest, file paths, float exit heads and profiles."""
+    """A verified bundle on disk: its manifest, file paths, float exit heads and profiles.
 
-    def __init__(self, path: Path, manifest: Manifest):
+    ``manifest_sha256`` is the sha256 of manifest.json as read (the flash agent names a deployed bundle by it).
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, manifest_sha256: str | None = None,
+                 policy_bytes: Mapping[str, bytes] | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+        self._policy_bytes = dict(policy_bytes or {})  # the stored policy's files as verified by load_bundle
         self._heads: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.manifest_core = _manifest_core(manifest.to_json())  # load_bundle sets it from the file as read
+        self.verified = False  # load_bundle(verify=True) checked every file's sha256
 
     def file(self, artifact: PrecisionArtifact) -> Path:
         return self.path / artifact.file
@@ -427,13 +489,23 @@ class Bundle:
             ) from None
 
     def heads(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Float (W, b) of each exit's classifier: logits = features @ W.T + b."""
+        """Float (W, b) of each exit's classifier: logits = features @ W.T + b (shapes and finiteness checked)."""
         if self._heads is None:
-            with np.load(self.path / HEADS) as z:
-                self._heads = [
-                    (np.ascontiguousarray(z[f"w{i}"], np.float32), np.ascontiguousarray(z[f"b{i}"], np.float32))
-                    for i in range(self.manifest.num_exits)
-                ]
+            m, fix = self.manifest, "re-convert the model or re-flash the bundle"
+            try:
+                with np.load(self.path / HEADS, allow_pickle=False) as z:
+                    heads = [(np.ascontiguousarray(z[f"w{i}"], np.float32), np.ascontiguousarray(z[f"b{i}"], np.float32))
+                             for i in range(m.num_exits)]
+            except (OSError, ValueError, KeyError) as e:
+                raise BundleError(f"{self.path}: {HEADS} is unreadable ({e}); {fix}") from e
+            for i, (w, b) in enumerate(heads):
+                want = (len(m.classes), m.blocks[i].num_features)
+                if w.shape != want or b.shape != want[:1]:
+                    raise BundleError(f"{self.path}: {HEADS} head {i} is {w.shape}+{b.shape}, the manifest needs "
+                                      f"{want}+{want[:1]} ({len(m.classes)} classes); {fix}")
+                if not (np.isfinite(w).all() and np.isfinite(b).all()):
+                    raise BundleError(f"{self.path}: {HEADS} head {i} holds NaN or inf weights; {fix}")
+            self._heads = heads
         return self._heads
 
     @property
@@ -441,22 +513,34 @@ class Bundle:
         return self.path / "profiles"
 
     def policy(self) -> StoredPolicy | None:
-        """The stored gate (spec, certificate, learned arrays), or None when the bundle has none."""
+        """The stored gate (spec, certificate, learned arrays), or None when the bundle has none. A certificate
+        that does not vouch for these exact params and arrays is dropped (``StoredPolicy.checked``)."""
         entry = self.manifest.policy
         if entry is None:
             return None
-        fix = "re-run edgequee calibrate on this bundle or re-flash it"
+        fix = CALIBRATE_FIX
         try:
-            spec = json.loads((self.path / entry.file).read_text())
+            raw = self._read(entry.file)
+            spec = json.loads(raw)
+            check_policy_spec(spec, f"{self.path}/{entry.file}")
             arrays = None
             if entry.arrays_file is not None:
-                with np.load(self.path / entry.arrays_file, allow_pickle=False) as z:
+                with np.load(io.BytesIO(self._read(entry.arrays_file)), allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
-            return StoredPolicy.from_json(spec, arrays)
+                for k, a in arrays.items():
+                    if a.dtype.kind not in "biuf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+                        raise BundleError(f"{self.path}: stored policy array {k!r} is {a.dtype} or holds NaN/inf; {fix}")
+            return StoredPolicy.from_json(spec, arrays).checked()
         except FileNotFoundError as e:
             raise BundleError(f"{self.path}: stored policy file {e.filename} is missing; {fix}") from e
         except (ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
             raise BundleError(f"{self.path}: stored policy {entry.file} is unreadable ({e}); {fix}") from e
+
+    def _read(self, rel: str) -> bytes:
+        """A bundle file's bytes: as verified at load time when it was, else read now (never through a symlink)."""
+        if rel in self._policy_bytes:
+            return self._policy_bytes[rel]
+        return _read_plain(self.path, rel)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.manifest.model!r}, blocks={self.manifest.num_exits})"
@@ -468,70 +552,217 @@ def _artifacts(manifest: Manifest) -> list[PrecisionArtifact]:
     return arts + list(manifest.whole_model.values())
 
 
+def _read_plain(root: Path, rel: str) -> bytes:
+    """``root/rel`` read without following a symlink at its last component (the walk refuses the others)."""
+    fd = os.open(root / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def refuse_symlinks(root: Path) -> None:
+    """A BundleError naming the first symlink (or device, fifo, socket) anywhere inside ``root``.
+
+    ``root`` itself may be a symlink (a flashed device's ``current``); nothing inside it may be, so nothing a
+    bundle names can lead outside it."""
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise BundleError(f"{folder}: cannot list ({e.strerror}); fix its permissions") from e
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:  # removed meanwhile (a superseded policy file): not in the bundle any more
+                continue
+            rel = Path(entry.path).relative_to(root)
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{root}: {rel} is a symlink; a bundle holds plain files only: replace the link "
+                                  "with the file it should be, or re-convert the model")
+            if stat.S_ISDIR(mode):
+                stack.append(Path(entry.path))
+            elif not stat.S_ISREG(mode):
+                raise BundleError(f"{root}: {rel} is not a regular file; remove it or re-convert the model")
+
+
+def _manifest_core(data: Mapping[str, Any]) -> str:
+    """sha256 of a manifest without its policy entry: what calibrate and profile must find unchanged."""
+    return hashlib.sha256(json.dumps({k: v for k, v in data.items() if k != "policy"}, sort_keys=True,
+                                     default=json_default).encode()).hexdigest()
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Read and verify a bundle: format version, and the sha256 of every file the manifest names."""
+    """Read and verify a bundle: no symlinks, a valid manifest, and the sha256 of every file it names.
+
+    A calibration running meanwhile replaces manifest.json and keeps the superseded policy files one
+    generation, so a reader sees the old policy or the new one; should a file still vanish under it (two writes
+    in a row), the read is retried against the new manifest."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise BundleError(f"{path}: no {MANIFEST}; is this an edgequee bundle? (make one with edgequee convert)")
+        previous = _set_aside(path)
+        if previous is None:
+            raise BundleError(f"{path}: no {MANIFEST}; is this an edgequee bundle? (make one with edgequee convert)")
+        if _dead_writer(previous.name):  # replay the dead writer's rollback, as its successor would
+            try:
+                with bundle_lock(path, "restore", timeout_s=5):
+                    _recover_replaced(Path(path).absolute())
+            except (OSError, BundleError):
+                warnings.warn(f"{path} was being replaced by a process that died; reading the previous bundle from "
+                              f"{previous} (the next edgequee convert puts it back)", stacklevel=2)
+        if not mpath.is_file():
+            path = previous  # a replace is between its two renames right now
+    for attempt in range(5):
+        refuse_symlinks(path)
+        raw = _read_plain(path, MANIFEST)
+        try:
+            return _load(path, raw, verify)
+        except BundleError:
+            if attempt == 4 or _read_plain(path, MANIFEST) == raw:
+                raise  # not a concurrent write: the bundle is broken
+    raise AssertionError("unreachable")
+
+
+def _load(path: Path, raw: bytes, verify: bool) -> Bundle:
+    mpath = path / MANIFEST
     try:
-        data = json.loads(mpath.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e}); the bundle is corrupt, re-convert or re-flash it") from e
     if not isinstance(data, dict):
         raise BundleError(f"{mpath}: expected a JSON object, got {type(data).__name__}; re-convert or re-flash it")
     manifest = Manifest.from_json(data)
+    policy_bytes: dict[str, bytes] = {}
     if verify:
         checks = dict([(a.file, a.sha256) for a in _artifacts(manifest)] + [(HEADS, manifest.heads_sha256)])
-        if manifest.policy is not None:
-            checks.update(manifest.policy.files())
+        policy_files = manifest.policy.files() if manifest.policy is not None else {}
+        checks.update(policy_files)
         for rel, expected in checks.items():
             f = path / rel
             fix = ("re-run edgequee calibrate on the bundle or re-flash it" if rel.startswith(f"{POLICY_DIR}/")
                    else "re-convert the model or re-flash the bundle")
             if not f.is_file():
                 raise BundleError(f"{path}: {rel} is missing; {fix}")
-            got = sha256_file(f)
+            if rel in policy_files:
+                policy_bytes[rel] = _read_plain(path, rel)
+                got = hashlib.sha256(policy_bytes[rel]).hexdigest()
+            else:
+                got = sha256_file(f)
             if got != expected:
                 raise BundleError(
                     f"{path}: {rel} sha256 mismatch (manifest {expected[:8]}, file {got[:8]}); "
                     f"the file is corrupt: {fix}"
                 )
-    return Bundle(path, manifest)
+    bundle = Bundle(path, manifest, hashlib.sha256(raw).hexdigest(), policy_bytes)
+    bundle.manifest_core = _manifest_core(data)
+    bundle.verified = verify
+    if verify:
+        bundle.heads()
+    return bundle
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """True for a directory (not a symlink) holding a manifest.json file: something edgequee may replace."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file() and not (path / MANIFEST).is_symlink()
 
 
 def write_bundle(staging: Path, manifest: Manifest, dest: Path, overwrite: bool = False) -> Bundle:
-    """Write ``manifest`` into ``staging`` (which holds every file it names) and rename it to ``dest``.
+    """Write ``manifest`` into ``staging`` (which holds every file it names) and move it to ``dest``.
 
     ``staging`` must be on the same filesystem as ``dest`` (make it with ``staging_dir(dest)``). An existing
-    ``dest`` is replaced only with ``overwrite``; it is moved aside first and removed once the new one is in place.
+    ``dest`` is replaced only with ``overwrite``, only when it is an edgequee bundle (or an empty folder), and
+    with no moment without a valid bundle at ``dest``: the two directories are swapped in one
+    ``renameat2(RENAME_EXCHANGE)``; where the kernel or filesystem lacks it, the old bundle is renamed aside
+    first and put back by the next writer should this process die in between.
     """
-    staging, dest = Path(staging), Path(dest)
+    staging, dest = Path(staging), Path(dest).absolute()
     write_json_atomic(staging / MANIFEST, manifest.to_json())
     bundle = load_bundle(staging)  # verify what we are about to publish
-    old = None
-    if dest.exists():
-        if not overwrite:
-            raise BundleError(f"{dest} exists; pass --force to replace it")
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    try:
-        os.replace(staging, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)  # put the previous bundle back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with bundle_lock(dest, "convert"):
+        _recover_replaced(dest)
+        remove_stale(dest.parent, f".{dest.name}.tmp-")
+        if os.path.lexists(dest):
+            check_replaceable(dest, overwrite)
+            if not _exchange(staging, dest):
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}-0")
+                os.replace(dest, old)
+                try:
+                    os.replace(staging, dest)
+                except OSError:
+                    os.replace(old, dest)  # put the previous bundle back
+                    raise
+                staging = old
+            shutil.rmtree(staging, ignore_errors=True)  # the previous bundle, swapped out
+        else:
+            os.replace(staging, dest)
     bundle.path = dest
     return bundle
 
 
+def check_replaceable(dest: Path, overwrite: bool) -> None:
+    """A BundleError unless the existing ``dest`` may be replaced: an edgequee bundle (or an empty folder), and
+    ``overwrite``. A symlink, a file or a folder of anything else is never deleted."""
+    if dest.is_symlink() or not dest.is_dir():
+        raise BundleError(f"{dest} exists and is not a bundle directory ({'a symlink' if dest.is_symlink() else 'a file'}); "
+                          "edgequee will not replace it: move it away or choose another --out")
+    if not is_bundle_dir(dest) and any(dest.iterdir()):
+        raise BundleError(f"{dest} exists and is not an edgequee bundle (no {MANIFEST}); edgequee will not delete it: "
+                          "move it away or choose another --out")
+    if not overwrite:
+        raise BundleError(f"{dest} exists; pass --force to replace it")
+
+
+def _recover_replaced(dest: Path) -> None:
+    """Put back a bundle that a writer killed between its two renames left at ``.NAME.old-PID-*``; remove the
+    other ones of dead writers."""
+    old = _set_aside(dest)
+    if old is not None and _dead_writer(old.name):
+        os.replace(old, dest)
+    remove_stale(dest.parent, f".{dest.name}.old-")
+
+
+def _set_aside(dest: Path) -> Path | None:
+    """The bundle a replace without renameat2 moved aside (``.NAME.old-PID-*``) when ``dest`` is gone: the window
+    between its two renames, or a writer that died in it."""
+    dest = Path(dest).absolute()
+    if os.path.lexists(dest) or not dest.parent.is_dir():
+        return None
+    olds = [p for p in dest.parent.glob(f".{dest.name}.old-*") if is_bundle_dir(p)]
+    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
+
+
+def _dead_writer(name: str) -> bool:
+    m = re.search(r"-(\d+)-", name)
+    return m is not None and not pid_alive(int(m.group(1)))
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
 def staging_dir(dest: Path) -> Path:
-    """A fresh temporary directory beside ``dest`` (same filesystem, so the final rename is atomic)."""
+    """A fresh temporary directory beside ``dest`` (same filesystem, so the final rename is atomic), named with
+    this process's pid so that a later writer can remove it should this process die."""
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700
     return path
 
@@ -546,32 +777,71 @@ def save_heads(path: Path, heads: Sequence[tuple[np.ndarray, np.ndarray]]) -> st
     return sha256_file(path)
 
 
-def write_policy(bundle: Bundle, policy: StoredPolicy) -> Bundle:
+class PolicyKept(BundleError):
+    """``write_policy`` kept the bundle's certified policy rather than store an uncertified one over it."""
+
+
+_POLICY_FILE = re.compile(r"(policy-[0-9a-f]{12}\.json|arrays-[0-9a-f]{12}\.npz)")
+
+
+def write_policy(bundle: Bundle, policy: StoredPolicy, *, replace_certified: bool = True) -> Bundle:
     """Store ``policy`` in ``bundle`` (replacing any previous one) and return the reloaded bundle.
 
-    Crash-safe: the new files are written under content-addressed names first (policy/policy-<sha12>.json,
-    policy/arrays-<sha12>.npz), then manifest.json is replaced atomically, and only then are the superseded files
-    (and leftovers of interrupted writes) deleted. A crash at any point leaves a bundle that loads and verifies.
+    Crash-safe and safe for readers: the new files are written under content-addressed names first
+    (policy/policy-<sha12>.json, policy/arrays-<sha12>.npz), then manifest.json is replaced atomically, and only
+    then are files older than the superseded policy deleted (that one is kept, for a reader that read the old
+    manifest a moment ago), with the leftovers of interrupted writes. Writers take turns under the bundle's lock.
+    The bundle must still be the one ``bundle`` was loaded from (a ``convert --force`` meanwhile is an error).
+    With ``replace_certified=False`` a feasible certified policy in the bundle is not replaced by one whose
+    certificate is infeasible: ``PolicyKept`` is raised and nothing changes.
     """
     root = Path(bundle.path)
     pdir = root / POLICY_DIR
-    pdir.mkdir(exist_ok=True)
-    entry_arrays: tuple[str | None, str | None] = (None, None)
-    if policy.arrays:
-        arrays = {k: np.asarray(v) for k, v in policy.arrays.items()}
-        entry_arrays = _publish(pdir, "arrays", ".npz", lambda f: np.savez(f, **arrays))
-    spec = (json.dumps(policy.to_json(), indent=1, sort_keys=True, default=json_default) + "\n").encode()
-    file, sha = _publish(pdir, "policy", ".json", lambda f: f.write(spec))
-    entry = PolicyEntry(file, sha, *entry_arrays)
-    data = json.loads((root / MANIFEST).read_text())
-    data["policy"] = dataclasses.asdict(entry)
-    Manifest.from_json(data)  # never publish a manifest this edgequee cannot read back
-    write_json_atomic(root / MANIFEST, data)
-    keep = {Path(f).name for f in entry.files()}
-    for f in pdir.iterdir():
-        if f.name not in keep and f.is_file():
-            f.unlink()
-    return load_bundle(root)
+    with bundle_lock(root, "calibrate"):
+        refuse_symlinks(root)
+        data = json.loads(_read_plain(root, MANIFEST))
+        if not isinstance(data, dict) or _manifest_core(data) != bundle.manifest_core:
+            raise BundleError(f"{root} was replaced while this ran (edgequee convert --force?); run it again on "
+                              "the new bundle")
+        if not replace_certified and policy.certificate is not None and not policy.certificate.feasible:
+            current = load_bundle(root).policy()
+            if current is not None and current.certificate is not None and current.certificate.feasible:
+                raise PolicyKept(f"kept the certified policy already in {root} ({current.name}, "
+                                 f"{current.certificate.knob}={current.certificate.knob_value})")
+        previous = PolicyEntry(**data["policy"]).files() if data.get("policy") else {}
+        pdir.mkdir(exist_ok=True)
+        for tmp in list(pdir.glob(".policy.*")) + list(pdir.glob(".arrays.*")) + list(root.glob(f".{MANIFEST}.*")):
+            tmp.unlink(missing_ok=True)  # debris of a writer killed mid-write (every writer holds this lock)
+        entry_arrays: tuple[str | None, str | None] = (None, None)
+        if policy.arrays:
+            arrays = {k: np.asarray(v) for k, v in policy.arrays.items()}
+            entry_arrays = _publish(pdir, "arrays", ".npz", lambda f: np.savez(f, **arrays))
+        spec = (json.dumps(policy.to_json(), indent=1, sort_keys=True, default=json_default) + "\n").encode()
+        file, sha = _publish(pdir, "policy", ".json", lambda f: f.write(spec))
+        entry = PolicyEntry(file, sha, *entry_arrays)
+        data["policy"] = dataclasses.asdict(entry)
+        Manifest.from_json(data)  # never publish a manifest this edgequee cannot read back
+        write_json_atomic(root / MANIFEST, data)
+        keep = {Path(f).name for f in (*entry.files(), *previous)}
+        for f in pdir.iterdir():
+            if f.name not in keep and _POLICY_FILE.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink()
+        return load_bundle(root)
+
+
+def write_profile(bundle: Bundle, device: str, profile: Mapping[str, Any]) -> Path:
+    """Write ``profile`` to ``BUNDLE/profiles/<device>.json`` (atomically, under the bundle's lock)."""
+    check_device_name(device)
+    root = Path(bundle.path)
+    with bundle_lock(root, "profile"):
+        refuse_symlinks(root)
+        folder = bundle.profiles_dir
+        folder.mkdir(exist_ok=True)
+        for tmp in folder.glob(".*.json.*"):
+            tmp.unlink(missing_ok=True)  # debris of a writer killed mid-write (every writer holds this lock)
+        path = folder / f"{device}.json"
+        write_json_atomic(path, profile)
+    return path
 
 
 def _publish(folder: Path, stem: str, suffix: str, write: Any) -> tuple[str, str]:

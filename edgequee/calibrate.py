@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import __version__
-from .bundle import Bundle, Certificate, StoredPolicy, write_policy
+from .bundle import Bundle, Certificate, PolicyKept, StoredPolicy, write_policy
 from .cost import CostModel
+from .data import check_labels
 from .errors import BundleError, DataError, EdgequeeError
 from .policies import KnobPolicy, ThresholdPolicy, Traces, from_stored, softmax, to_stored
 from .progress import Progress
@@ -141,6 +142,7 @@ def calibrate_bundle(
     augment: int | None = None,
     num_threads: int = 1,
     write: bool = True,
+    replace: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Calibrate ``policy``'s knob on ``images`` and (with ``write``) store policy + certificate in the bundle.
@@ -151,16 +153,18 @@ def calibrate_bundle(
     calibrated, and the certificate computed, on the rest; ``augment`` (None: the policy's default) is the number
     of augmented copies of each image the gate is fitted on.
     Without labels only the consistency risk can be controlled (the full model's predictions are the reference).
+    A calibration where no setting passes does not replace a certified policy already in the bundle unless
+    ``replace`` (the report then says ``kept``).
     Returns a JSON-ready report: the selection, the certificate and the stored policy spec.
     """
-    _check_calibration_data(images, labels, risk)
+    labels = _check_calibration_data(bundle, images, labels, risk)
     if policy == "auto":
         if params:
             raise DataError("--policy auto chooses the policy and its precision itself; for a given one use "
                             "--policy threshold --precision P (or --policy quee)")
         return calibrate_auto(bundle, images, labels, risk=risk, on=on, epsilon=epsilon, delta=delta, method=method,
                               device=device, objective=objective, augment=augment, num_threads=num_threads,
-                              write=write, progress=progress)
+                              write=write, replace=replace, progress=progress)
     current = bundle.policy()  # a stored policy of this name (e.g. a trained gate) is the starting point
     spec = current if current is not None and current.name == policy else StoredPolicy(policy, {})
     base = from_stored(dataclasses.replace(spec, params={**spec.params, **dict(params or {})}))
@@ -199,7 +203,7 @@ def calibrate_bundle(
                                    expected_latency_ms(tuned, traces, latency_cm), num_threads=num_threads)  # type: ignore[arg-type]
     selection = dataclasses.asdict(sel) | {"knob": certificate.knob_value, "grid_size": len(table.knobs),
                                            "versus_best_whole": versus}
-    return store_calibrated(bundle, stored, selection, write)
+    return store_calibrated(bundle, stored, selection, write, replace)
 
 
 def _certificate(sel: Any, risk: str, on: str, method: str, tuned: KnobPolicy, cost_name: str, data_fp: str,
@@ -214,7 +218,10 @@ def _certificate(sel: Any, risk: str, on: str, method: str, tuned: KnobPolicy, c
     )
 
 
-def _check_calibration_data(images: np.ndarray, labels: np.ndarray | None, risk: str) -> None:
+def _check_calibration_data(bundle: Bundle, images: np.ndarray, labels: np.ndarray | None,
+                            risk: str) -> np.ndarray | None:
+    """The labels as int64 class indices of the bundle's model (``data.check_labels``), after the checks every
+    calibration needs: an out-of-range label would count as an error at every knob and certify nonsense."""
     if labels is None and risk == "gap":
         raise DataError("the gap risk needs labels: calibrate unlabeled images with --risk consistency, "
                         "or pass labelled --data")
@@ -222,6 +229,8 @@ def _check_calibration_data(images: np.ndarray, labels: np.ndarray | None, risk:
         raise DataError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise DataError("no calibration images")
+    m = bundle.manifest
+    return None if labels is None else check_labels(labels, len(m.classes), "calibration labels", m.classes)
 
 
 def _subset(traces: Traces, rows: np.ndarray) -> Traces:
@@ -294,6 +303,7 @@ def calibrate_auto(
     augment: int | None = None,
     num_threads: int = 1,
     write: bool = True,
+    replace: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -313,7 +323,7 @@ def calibrate_auto(
     """
     from .quee import QueePolicy, choose_precisions, cost_arrays, path_costs, trace_paths
 
-    _check_calibration_data(images, labels, risk)
+    labels = _check_calibration_data(bundle, images, labels, risk)
     if len(images) < 4:
         raise DataError(f"--policy auto splits the calibration images into a selection and a certification half; "
                         f"{len(images)} are too few (give hundreds)")
@@ -402,16 +412,24 @@ def calibrate_auto(
     stored = to_stored(tuned, calibration=calibration, certificate=certificate)
     selection = dataclasses.asdict(s) | {"knob": certificate.knob_value, "grid_size": len(table.knobs),
                                          "auto": compared, "versus_best_whole": versus}
-    return store_calibrated(bundle, stored, selection, write)
+    return store_calibrated(bundle, stored, selection, write, replace)
 
 
-def store_calibrated(bundle: Bundle, stored: StoredPolicy, selection: dict[str, Any], write: bool) -> dict[str, Any]:
-    """Write ``stored`` into the bundle (with ``write``) and return calibrate's JSON-ready report."""
+def store_calibrated(bundle: Bundle, stored: StoredPolicy, selection: dict[str, Any], write: bool,
+                     replace: bool = True) -> dict[str, Any]:
+    """Write ``stored``, its certificate bound to it, into the bundle (with ``write``; an infeasible one over a
+    certified one only with ``replace``) and return calibrate's JSON-ready report."""
+    stored = stored.certified()
+    kept = None
     if write:
-        bundle = write_policy(bundle, stored)
+        try:
+            bundle = write_policy(bundle, stored, replace_certified=replace)
+        except PolicyKept as e:
+            kept, write = f"{e}: no setting passed this time; pass --replace to store the safe setting instead", False
     return {
         "bundle": str(bundle.path),
         "written": write,
+        "kept": kept,
         "policy_file": bundle.manifest.policy.file if write and bundle.manifest.policy else None,
         "selection": selection,
         "policy": stored.to_json(),

@@ -131,7 +131,7 @@ def _then_flash(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(flash_text(_flash_report(kwargs["out"], flash_to, ssh=ssh)), err=kwargs.get("json_out") == "-")
 
     wrapper = click.option("--flash", "flash_to", metavar="TARGET",
-                           help="Then flash the bundle to TARGET, user@host[:port][:/path] (see edgequee flash).")(wrapper)
+                           help="Then flash the bundle to TARGET, [user@]host[:port][:PATH] (see edgequee flash).")(wrapper)
     return _ssh_options(wrapper)
 
 
@@ -294,7 +294,7 @@ def quickstart(out: str, threads: int, json_out: str | None) -> None:
 def inspect(bundle: str, no_verify: bool, json_out: str | None) -> None:
     """Show a bundle: blocks, precisions, files, parity, profiles."""
     b = load_bundle(bundle, verify=not no_verify)
-    report = b.manifest.to_json()
+    report = {**b.manifest.to_json(), "manifest_sha256": b.manifest_sha256, "verified": b.verified}
     stored = b.policy()
     if stored is not None:
         report["stored_policy"] = stored.to_json()  # spec + certificate; manifest["policy"] names its files
@@ -469,10 +469,12 @@ def bench(bundle: str, data: str, n_images: int | None, latency_samples: int, pr
 @threads_option
 @click.option("--edgetpu", "edgetpu", default=None, is_flag=False, flag_value="",
               help="Run int8 blocks on a Coral (optionally name it: --edgetpu usb:0); falls back to the CPU.")
+@click.option("--require-certified", is_flag=True,
+              help="Refuse to run unless the policy is the bundle's stored one with a valid, feasible certificate.")
 @json_option
 @_errors
 def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: float | None, threads: int,
-        edgetpu: str | None, json_out: str | None) -> None:
+        edgetpu: str | None, require_certified: bool, json_out: str | None) -> None:
     """Classify images (files, folders or .npz) with the bundle, block by block."""
     from .runtime import EdgeRunner
     from .inputs import read_inputs
@@ -481,10 +483,8 @@ def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: 
     policy = _threshold_policy(precision, threshold)
     given = policy is not None
     runner = EdgeRunner(b, policy, num_threads=threads, edgetpu=True if edgetpu == "" else (edgetpu or False))
-    if not given and b.manifest.policy is not None:
-        cert = runner.certificate
-        click.echo(f"stored policy {runner.policy!r}"
-                   + (f", certified {cert.risk} risk ≤ {cert.epsilon:g} ({cert.method})" if cert else ""), err=True)
+    if (line := _certification(runner, given, require_certified)) is not None:
+        click.echo(line, err=True)
     rows: list[dict[str, Any]] = []
     for item in read_inputs(inputs, b.manifest.input):  # a bad file is reported and skipped; exit code 1 at the end
         if item.image is None:
@@ -506,6 +506,22 @@ def run(bundle: str, inputs: tuple[str, ...], precision: str | None, threshold: 
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(rows)} inputs could not be read ({', '.join(failed[:3])}"
                                    f"{', …' if len(failed) > 3 else ''}; reasons above): fix or remove them")
+
+
+def _certification(runner: Any, given: bool, require: bool) -> str | None:
+    """What certifies the policy ``runner`` runs, in a line for stderr (None for a policy given on the command
+    line); with ``require`` an EdgequeeError unless it is the stored policy with a valid, feasible certificate."""
+    cert, stored = runner.certificate, runner.stored_policy
+    problem = stored.certificate_problem if stored is not None else None
+    why = ("a policy given on the command line" if given else "the bundle stores no policy" if stored is None
+           else problem or "no certificate" if cert is None else None if cert.feasible
+           else "no setting passed its risk test")
+    if require and why is not None:
+        raise EdgequeeError(f"{runner.bundle.path}: the policy is not certified ({why}); run edgequee calibrate on it")
+    if given or stored is None:
+        return None
+    return f"stored policy {runner.policy!r}, " + (f"NOT certified: {why}" if why else
+                                                   f"certified {cert.risk} risk ≤ {cert.epsilon:g} ({cert.method})")
 
 
 def _threshold_policy(precision: str | None, threshold: float | None) -> Any:
@@ -543,11 +559,13 @@ def demo() -> None:
               help="Reopen a lost camera this many times.")
 @click.option("--backoff", default=0.5, show_default=True, type=click.FloatRange(min=0),
               help="Seconds before the first reopen (doubling).")
+@click.option("--require-certified", is_flag=True,
+              help="Refuse to run unless the policy is the bundle's stored one with a valid, feasible certificate.")
 @json_option
 @_errors
 def camera(bundle: str, source: str, headless: bool, out: str | None, record: str, precision: str | None,
            threshold: float | None, threads: int, device: str, max_frames: int | None, retries: int, backoff: float,
-           json_out: str | None) -> None:
+           require_certified: bool, json_out: str | None) -> None:
     """Classify camera (or video, or image folder) frames with an overlay: exit, precision, latency, savings."""
     from .demo import open_source, run_demo, summary_text
     from .runtime import EdgeRunner
@@ -555,7 +573,10 @@ def camera(bundle: str, source: str, headless: bool, out: str | None, record: st
     if headless and not out:
         raise click.UsageError("--headless needs --out DIR (where the annotated video and the log go)")
     b = load_bundle(bundle)
-    runner = EdgeRunner(b, _threshold_policy(precision, threshold), num_threads=threads)
+    policy = _threshold_policy(precision, threshold)
+    runner = EdgeRunner(b, policy, num_threads=threads)
+    if (line := _certification(runner, policy is not None, require_certified)) is not None:
+        click.echo(line, err=True)
     summary = run_demo(runner, open_source(source), out_dir=Path(out) if out else None, show=not headless,
                        record=record, max_frames=max_frames, retries=retries, backoff_s=backoff, device=device)
     _emit(summary, summary_text(summary), json_out)
@@ -592,13 +613,15 @@ def camera(bundle: str, source: str, headless: bool, out: str | None, record: st
 @click.option("--augment", type=click.IntRange(min=0),
               help="quee: label-preserving copies of each image its predictors are fitted on (mirror, then random "
                    "crop + mirror); 0 where a mirror changes the label  [default: 3]")
+@click.option("--replace", is_flag=True,
+              help="Store the result even when no setting passes and the bundle holds a certified policy.")
 @threads_option
 @json_option
 @_errors
 def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name: str, precision: str | None,
               risk: str | None, on: str, epsilon: float | None, delta: float, method: str, n_cal: int | None,
               device: str | None, objective: str, lam: float | None, target_accuracy: float | None,
-              budget_ms: float | None, augment: int | None, threads: int, json_out: str | None) -> None:
+              budget_ms: float | None, augment: int | None, replace: bool, threads: int, json_out: str | None) -> None:
     """Tune the policy's exit knob so its risk (against the fp32 full model) stays ≤ ε; store the policy and its
     certificate in BUNDLE.
 
@@ -656,8 +679,15 @@ def calibrate(bundle: str, data: str | None, unlabeled: str | None, policy_name:
         report = calibrate_bundle(
             b, images, labels, policy=policy_name, params={"precision": precision} if precision else None,
             risk=risk or ("gap" if labels is not None else "consistency"), on=on, epsilon=epsilon, delta=delta,
-            method=method, device=device, objective=objective, augment=augment, num_threads=threads, progress=cb)
+            method=method, device=device, objective=objective, augment=augment, replace=replace, num_threads=threads,
+            progress=cb)
     _emit(report, calibrate_text(report), json_out)
+    cert = report["policy"]["certificate"]
+    if not cert["feasible"]:
+        raise click.ClickException(
+            f"no setting passed {cert['method']} at ε={cert['epsilon']:g} on {cert['n_cal']} images; "
+            + (report["kept"] if report["kept"] else "stored the safest setting (no early exit), uncertified")
+            + ": use more calibration images or a larger --epsilon")
 
 
 # ------------------------------------------------------------------------------------------------- flash
@@ -690,8 +720,8 @@ def flash(args: tuple[str, ...], hosts: str | None, to_previous: bool, dry_run: 
           ssh: Any, json_out: str | None) -> None:
     """Deploy BUNDLE to TARGET over ssh: verified on the device, switched atomically, with rollback.
 
-    TARGET is user@host[:port][:/path]; the path defaults to ~/edgequee. There the bundle goes to
-    bundles/<model>@<hash>/ and ROOT/current points at it; run it with edgequee run ROOT/current ...
+    TARGET is [user@]host[:port][:PATH], the port 1-65535, PATH starting with / or ~ (default ~/edgequee). There
+    the bundle goes to bundles/<model>@<hash>/ and ROOT/current points at it; run it with edgequee run ROOT/current ...
     ssh runs with your ~/.ssh/config, keys and known_hosts, in batch mode (key login, no prompts).
     """
     from .flash import Runtime, flash_hosts, flash_text, hosts_table, read_hosts, rollback, rollback_text, run_hosts

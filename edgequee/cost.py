@@ -28,6 +28,7 @@ import numpy as np
 
 from .bundle import Bundle, Manifest
 from .devices import DeviceDescriptor, load_device
+from .schema import check_profile, is_device_name
 from .errors import DeviceError
 
 __all__ = ["OBJECTIVES", "Cost", "CostModel", "load_profile", "per_inference_at"]
@@ -59,14 +60,19 @@ def _join(a: str, b: str) -> str:
 
 
 def load_profile(bundle: Bundle, device: str) -> dict[str, Any] | None:
-    """``BUNDLE/profiles/<device>.json``, or None when this device was never profiled."""
+    """``BUNDLE/profiles/<device>.json`` (validated: ``schema.check_profile``), or None when this device was never
+    profiled."""
+    if not is_device_name(device):  # a descriptor's path, say: never a file under profiles/
+        return None
     path = bundle.profiles_dir / f"{device}.json"
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return None
     try:
-        return json.loads(path.read_text())
+        profile = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeviceError(f"{path}: not valid JSON ({e}); re-run edgequee profile") from e
+    check_profile(profile, str(path), bundle.manifest.num_exits)
+    return profile
 
 
 def per_inference_at(per_inference: Mapping[str, Mapping[str, Any]], precision: str) -> float:

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from . import __version__, _flash_agent
-from .bundle import MANIFEST, load_bundle, sha256_file, write_json_atomic
+from .bundle import MANIFEST, load_bundle, sha256_file, write_profile
 from .errors import BundleError, DeviceError
+from .schema import check_device_name, check_profile
 from .progress import Progress
 
 __all__ = ["Target", "SshOptions", "Runtime", "FlashError", "flash", "rollback", "profile_remote", "run_hosts",
@@ -693,6 +694,7 @@ def profile_remote(bundle: str | os.PathLike[str], target: Target | str, device:
     interpreter with edgequee installed (default ROOT/venv/bin/python, from ``flash --install-runtime``).
     """
     target = _target(target)
+    check_device_name(device)  # it names the file written back here
     local = scan_bundle(bundle)
     request = {"op": "profile", "root": target.root, "bundle": local.name, "device": device, "python": python,
                "args": ["--device", device, *args]}
@@ -701,8 +703,13 @@ def profile_remote(bundle: str | os.PathLike[str], target: Target | str, device:
     data = base64.b64decode(done["profile"])
     if hashlib.sha256(data).hexdigest() != done["sha256"]:
         raise FlashError(f"{target.address}: the profile was damaged on the way back; run the command again")
-    profile = json.loads(data)
-    write_json_atomic(local.path / "profiles" / f"{device}.json", profile)
+    try:
+        profile = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlashError(f"{target.address}: the device sent back a profile that is not JSON ({e}); re-run it") from e
+    b = load_bundle(local.path)
+    check_profile(profile, f"{target.address}: profiles/{device}.json", b.manifest.num_exits)
+    write_profile(b, device, profile)
     return profile
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .backend import InterpreterPool, edgetpu_delegate, runtime_name
-from .bundle import Bundle, write_json_atomic
+from .bundle import Bundle, write_profile
+from .schema import check_device_name
 from .cost import per_inference_at
 from .errors import DeviceError
 from .meters import energy_per_inference, now
@@ -281,6 +282,7 @@ def profile_bundle(
     interpreters allocated, nothing running), then each graph runs back to back for ``energy_s`` while the meter
     records; energy per inference is reported gross and net of idle, in mJ, naming the meter.
     """
+    check_device_name(device)  # before minutes of measuring: it names the file written
     m = bundle.manifest
     precisions = precisions or m.precisions
     graphs = [(i, p) for i in range(m.num_exits) for p in precisions] + [(-1, p) for p in m.whole_model]
@@ -395,7 +397,7 @@ def profile_bundle(
     if warn:
         warnings.warn(warn, stacklevel=2)
     if write:
-        write_json_atomic(bundle.profiles_dir / f"{device}.json", profile)
+        write_profile(bundle, device, profile)
     return profile
 
 

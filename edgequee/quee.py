@@ -756,10 +756,12 @@ def calibrate_quee(
     mean latency there (the device's latency cost model) is ≤ ``budget_ms``. Returns a JSON-ready report."""
     from .calibrate import fingerprint, store_calibrated, versus_best_whole
     from .cost import CostModel
+    from .data import check_labels
     from .policies import to_stored
 
     if sum(v is not None for v in (lam, target_accuracy, budget_ms)) != 1:
         raise DataError("give exactly one of lam, target_accuracy, budget_ms")
+    labels = check_labels(labels, len(bundle.manifest.classes), "calibration labels", bundle.manifest.classes)
     fitted, traces, rest_images, rest_labels = QueePolicy().prepare(
         bundle, images, labels, device=device, objective=objective, precisions=precisions, augment=augment,
         num_threads=num_threads, progress=progress)

@@ -41,7 +41,9 @@ def _pct(x: float | None) -> str:
 def inspect_text(bundle: Bundle) -> str:
     m = bundle.manifest
     lines = [
-        f"bundle {bundle.path}  (format {m.format_version}, verified)",
+        f"bundle {bundle.path}  (format {m.format_version}, "
+        f"{'verified' if bundle.verified else 'NOT verified: --no-verify'})",
+        f"manifest.json sha256 {bundle.manifest_sha256}",
         f"model {m.model}: {m.num_exits} blocks, {len(m.classes)} classes, input {m.input.height}x{m.input.width}x"
         f"{m.input.channels} {m.input.color} ({m.input.layout})",
         f"precisions: {', '.join(m.precisions)}; whole model: {', '.join(m.whole_model) or 'none'}",
@@ -83,7 +85,8 @@ def policy_text(stored: StoredPolicy) -> str:
     lines = [f"policy: {stored.name} ({params})" + (f"; arrays: {', '.join(stored.arrays)}" if stored.arrays else "")]
     c = stored.certificate
     if c is None:
-        lines.append("certificate: none (uncalibrated: the accuracy lost to early exits is not controlled)")
+        lines.append(f"certificate: NOT VALID: {stored.certificate_problem}" if stored.certificate_problem else
+                     "certificate: none (uncalibrated: the accuracy lost to early exits is not controlled)")
         return "\n".join(lines)
     level = f", δ={c.delta:g}" if c.delta is not None else ""
     status = "" if c.feasible else "  [NO KNOB PASSED: the safest setting (no early exit) is kept]"
@@ -121,7 +124,12 @@ def calibrate_text(report: dict[str, Any]) -> str:
                      f"{versus['expected_latency_ms']:.4g} ms = {versus['ratio']:.3f} × it")
         if "warning" in versus:
             lines.append("WARNING: " + versus["warning"])
-    lines.append(f"wrote {report['policy_file']} into {report['bundle']}" if report["written"] else "not written")
+    if sel.get("caution"):
+        lines.append("WARNING: " + sel["caution"])
+    if report.get("kept"):
+        lines.append("not written: " + report["kept"])
+    else:
+        lines.append(f"wrote {report['policy_file']} into {report['bundle']}" if report["written"] else "not written")
     return "\n".join(lines)
 
 

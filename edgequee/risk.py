@@ -235,6 +235,7 @@ class Selection:
     n_cal: int
     feasible: bool
     message: str
+    caution: str | None = None  # set when n_cal is too small for the certificate to mean much (sample_caution)
 
     @property
     def guarantee(self) -> str:
@@ -291,7 +292,30 @@ def scan(
         saving = float(1 - c[k].mean() / c[0].mean())
     return Selection(method, float(epsilon), None if method in ("naive", "crc") else float(delta), k,
                      float(knobs[k]), float(risks[k]), None if stat is None else float(stat), saving, n,
-                     feasible, message)
+                     feasible, message, sample_caution(n, epsilon, delta, method, bound))
+
+
+MIN_ALLOWED_ERRORS = 10  # below n·ε/B of this, one image more or less decides what the certificate says
+
+
+def sample_caution(n: int, epsilon: float, delta: float, method: str, bound: float = 1.0) -> str | None:
+    """Why ``n`` calibration samples are too few for ``method`` at ε, or None.
+
+    Too few when even zero observed losses fail the test (nothing can ever be certified), or when the data allow
+    fewer than ``MIN_ALLOWED_ERRORS`` losses at ε (n·ε/B < 10): then the statistic rests on a handful of images;
+    CRC with one image and ε = 0.9 certifies exiting everything at the first block."""
+    test = _TESTS[method]
+    need = math.ceil(MIN_ALLOWED_ERRORS * bound / epsilon)
+    if not test(np.zeros(n), 0.0, epsilon, delta, bound)[0]:
+        m = n
+        while m < 10**7 and not test(np.zeros(m), 0.0, epsilon, delta, bound)[0]:
+            m *= 2
+        return (f"{method} cannot certify anything with {n} calibration images at ε={epsilon:g}: even zero errors "
+                f"fail its test (it needs more than {m // 2}); use at least {max(need, m)} images or a larger ε")
+    if n * epsilon / bound < MIN_ALLOWED_ERRORS:
+        return (f"only {n} calibration images at ε={epsilon:g}: the certificate allows {n * epsilon / bound:.2g} "
+                f"errors in all, so a single image decides it; use at least {need} images")
+    return None
 
 
 Test = Callable[[np.ndarray, float, float, float, float], "tuple[bool, float]"]

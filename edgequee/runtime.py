@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backend import Graph, InterpreterPool, edgetpu_delegate
-from .bundle import Bundle, Certificate, InputSpec, QuantParams, load_bundle
+from .bundle import Bundle, Certificate, InputSpec, QuantParams, StoredPolicy, load_bundle
 from .errors import BundleError, DataError, DeviceError
 from .policies import EXIT, ExitState, Policy, ThresholdPolicy, never_exits_early, policy_from_bundle, softmax
 from .preprocess import InputTable, check_images
@@ -139,6 +139,11 @@ class EdgeRunner:
         self.set_policy(self.policy)
 
     @property
+    def stored_policy(self) -> StoredPolicy | None:
+        """The bundle's stored policy as loaded (``certificate_problem`` says why its certificate was dropped)."""
+        return self._stored
+
+    @property
     def certificate(self) -> Certificate | None:
         """The bundle's risk certificate if the policy running is the stored, calibrated one; else None."""
         stored, params = self._stored, getattr(self.policy, "params", None)
@@ -172,8 +177,11 @@ class EdgeRunner:
                                  (start,) * len(stages))
         if not self._warned and self.certificate is None and not no_exit:
             self._warned = True
-            warnings.warn(f"{policy!r} has no risk certificate: its accuracy loss from early exits is not "
-                          f"controlled; run edgequee calibrate on {self.bundle.path}", stacklevel=2)
+            problem = self._stored.certificate_problem if self._stored is not None else None
+            warnings.warn(f"{policy!r} has no risk certificate"
+                          + (f" (the stored one is not valid: {problem})" if problem else "")
+                          + ": its accuracy loss from early exits is not controlled; run edgequee calibrate on "
+                          f"{self.bundle.path}", stacklevel=2)
 
     def _open_edgetpu(self, device: str) -> InterpreterPool | None:
         if any(b.edgetpu is None for b in self.manifest.blocks):

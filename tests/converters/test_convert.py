@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgequee.bundle import TensorSpec, load_bundle, sha256_file
-from edgequee.errors import ConversionError
+from edgequee.errors import BundleError, ConversionError
 
 CALIB_SHAPE = (0, 32, 32, 3)
 
@@ -57,9 +57,15 @@ def test_convert_misuse(small_model, sample, tmp_path: Path) -> None:
     dest = tmp_path / "bundle"
     dest.mkdir()
     (dest / "keep.txt").write_text("old")
-    with pytest.raises(ConversionError, match="bundle exists; pass --force"):
-        convert_model(small_model, dest, sample.x_train[:4])
+    for force in (False, True):  # a folder that is not a bundle is never replaced, with --force neither
+        with pytest.raises(BundleError, match="is not an edgequee bundle .*will not delete it"):
+            convert_model(small_model, dest, sample.x_train[:4], overwrite=force)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BundleError, match="empty exists; pass --force"):
+        convert_model(small_model, empty, sample.x_train[:4])
+    empty.rmdir()
     fresh = tmp_path / "fresh"
     with pytest.raises(ConversionError, match=r"calibration images must be uint8 NHWC, got float32 \(4, 32, 32, 3\)"):
         convert_model(small_model, fresh, sample.x_train[:4].astype(np.float32))

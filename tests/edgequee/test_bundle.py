@@ -31,7 +31,8 @@ from edgequee.bundle import (
 from edgequee.errors import BundleError
 
 
-def _artifact(root: Path, rel: str, precision: str, outputs: dict[str, tuple[int, ...]]) -> PrecisionArtifact:
+def _artifact(root: Path, rel: str, precision: str, outputs: dict[str, tuple[int, ...]],
+              input_shape: tuple[int, ...] = (1, 8, 8, 3)) -> PrecisionArtifact:
     f = root / rel
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(f"stand-in graph {rel}".encode() * 8)
@@ -42,7 +43,7 @@ def _artifact(root: Path, rel: str, precision: str, outputs: dict[str, tuple[int
         rel,
         sha256_file(f),
         f.stat().st_size,
-        TensorSpec("input", (1, 8, 8, 3), dtype, q),
+        TensorSpec("input", input_shape, dtype, q),
         {role: TensorSpec(role, shape, dtype, q) for role, shape in outputs.items()},
     )
 
@@ -51,8 +52,9 @@ def _fake_bundle(root: Path, model: str = "tiny") -> Manifest:
     """Write a two-block bundle's files into ``root`` (bytes stand in for graphs: load_bundle only hashes them)."""
     blocks = []
     for i in range(2):
-        outputs = {"features": (1, 4)} if i == 1 else {"hidden": (1, 8, 8, 4), "features": (1, 4)}
-        arts = {p: _artifact(root, f"blocks/block{i:02d}_{p}.tflite", p, outputs) for p in ("fp32", "int8")}
+        outputs = {"features": (1, 4), "logits": (1, 3)} | ({} if i == 1 else {"hidden": (1, 8, 8, 4)})
+        arts = {p: _artifact(root, f"blocks/block{i:02d}_{p}.tflite", p, outputs, (1, 8, 8, 3 if i == 0 else 4))
+                for p in ("fp32", "int8")}
         blocks.append(
             BlockEntry(i, f"block{i:02d}", 100 * (i + 1), 10, (1, 8, 8, 3 if i == 0 else 4),
                        (1, 8, 8, 4) if i == 0 else None, 4, arts)
@@ -61,7 +63,8 @@ def _fake_bundle(root: Path, model: str = "tiny") -> Manifest:
     parity = ParityReport(
         5,
         (0.4, 0.6),
-        (BlockParity(0, "fp32", 1.0, 1e-6, 2e-6), BlockParity(1, "fp32", 1.0, None, 3e-6)),
+        (BlockParity(0, "fp32", 1.0, 1e-6, 2e-6), BlockParity(1, "fp32", 1.0, None, 3e-6),
+         BlockParity(0, "int8", 0.8, 1e-2, 2e-2), BlockParity(1, "int8", 1.0, None, 3e-2)),
         (ChainedParity("fp32", (1.0, 1.0), (0.4, 0.6)), ChainedParity("int8", (0.8, 1.0), None)),
     )
     return Manifest(
@@ -118,7 +121,8 @@ def test_write_then_load(tmp_path: Path) -> None:
     manifest = _fake_bundle(stage)
     bundle = write_bundle(stage, manifest, dest)
     assert bundle.path == dest and not stage.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or temp files left beside it
+    # no staging or temp files left beside it; the (empty, unlocked) lock file stays, as flock's files do
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]
     loaded = load_bundle(dest)
     assert loaded.manifest == manifest
     (w0, b0), (w1, _) = loaded.heads()
@@ -150,7 +154,7 @@ def test_write_overwrite_replaces_and_leaves_nothing_behind(tmp_path: Path) -> N
     new = _fake_bundle(stage, "new")
     write_bundle(stage, new, dest, overwrite=True)
     assert load_bundle(dest).manifest == new
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]
 
 
 def test_write_verifies_staging_before_publishing(tmp_path: Path) -> None:
@@ -216,7 +220,7 @@ def _no_manifest(b: Path) -> None:
         (_delete_block, r"blocks/block01_int8.tflite is missing"),
         (_corrupt_heads, r"heads.npz sha256 mismatch"),
         (_future_version, rf"format_version {FORMAT_VERSION + 1}, this edgequee reads {FORMAT_VERSION}"),
-        (_drop_blocks_key, r"manifest.json is malformed \(KeyError: 'blocks'\)"),
+        (_drop_blocks_key, "manifest.json: blocks is missing"),
         (_truncate_json, r"manifest.json: not valid JSON"),
         (_json_list, r"manifest.json"),  # valid JSON, but not an object
         (_no_manifest, r"no manifest.json; is this an edgequee bundle"),

@@ -3,6 +3,7 @@ policy storage in the bundle, the runtime's use of it, and the calibrate/inspect
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -10,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke, one_line_error
 
 from edgequee import bundle as bundle_mod
 from edgequee.bundle import Certificate, StoredPolicy, load_bundle, write_policy
 from edgequee.calibrate import block_costs, compute_traces, knob_table
-from edgequee.cli import main
 from edgequee.errors import BundleError, DataError
 from edgequee.policies import ThresholdPolicy, Traces, from_stored, policy_from_bundle, to_stored
 from edgequee.risk import hb_p_value, hb_ucb, loss_bound, sample_losses, scan, wsr_ucb
@@ -262,7 +262,7 @@ def test_policy_storage_round_trip_and_crash_safety(bundle_copy: Path, monkeypat
     assert load_bundle(bundle_copy).policy() is None
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     first = StoredPolicy("threshold", {"precision": "fp32", "threshold": 0.9}, "threshold", {"n_cal": 500},
-                         _certificate(), arrays)
+                         _certificate(), arrays).certified()  # the certificate bound to this policy
     b = write_policy(load_bundle(bundle_copy), first)
     got = b.policy()
     assert got == first and np.array_equal(got.arrays["w"], arrays["w"])
@@ -284,9 +284,12 @@ def test_policy_storage_round_trip_and_crash_safety(bundle_copy: Path, monkeypat
     stale = {f"policy/{p.name}" for p in (bundle_copy / "policy").iterdir()} - first_files
     assert len(stale) == 1  # the new spec, unreferenced
 
-    # the next update replaces the policy and removes superseded and stale files
+    # the next update replaces the policy and removes stale files; the superseded policy stays one generation
+    # (a reader may have read the old manifest a moment ago), and goes with the update after
     b = write_policy(after_crash, second)
     assert b.policy() == second and b.manifest.policy.arrays_file is None
+    assert {f"policy/{p.name}" for p in (bundle_copy / "policy").iterdir()} == set(b.manifest.policy.files()) | first_files
+    b = write_policy(b, second)
     assert {f"policy/{p.name}" for p in (bundle_copy / "policy").iterdir()} == set(b.manifest.policy.files())
 
 
@@ -329,32 +332,22 @@ def test_runner_uses_the_stored_policy_and_warns_without_certificate(bundle_copy
     assert len(record) == 1  # once per runner
     assert repr(EdgeRunner(b, plain).policy) == repr(plain)
 
-    b = write_policy(b, to_stored(plain, certificate=_certificate(knob_value=0.9)))
+    b = write_policy(b, to_stored(plain, certificate=_certificate(knob_value=0.9)).certified())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         runner = EdgeRunner(b)
-    assert repr(runner.policy) == repr(plain) and runner.certificate == _certificate(knob_value=0.9)
+    assert repr(runner.policy) == repr(plain)
+    assert dataclasses.replace(runner.certificate, policy_sha256=None) == _certificate(knob_value=0.9)
     assert runner.classify(sample.x_test[0]).precision_path[0] == "int8"
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def _invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
-def _error_line(result: Result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
 @pytest.mark.slow
 def test_calibrate_then_inspect_run_bench(bundle_copy: Path, tmp_path: Path, sample) -> None:
     out = tmp_path / "cal.json"
-    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "1000", "--policy", "threshold",
+    result = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "1000", "--policy", "threshold",
                      "--epsilon", "0.05", "--method", "crc", "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -364,22 +357,22 @@ def test_calibrate_then_inspect_run_bench(bundle_copy: Path, tmp_path: Path, sam
     assert "certificate: gap risk on predictions ≤ ε=0.05 by crc" in result.stdout
     assert f"wrote {report['policy_file']}" in result.stdout
 
-    inspected = json.loads(_invoke("inspect", bundle_copy, "--json", "-").stdout)
+    inspected = json.loads(invoke("inspect", bundle_copy, "--json", "-").stdout)
     assert inspected["stored_policy"]["certificate"] == cert
     assert inspected["policy"]["file"] == report["policy_file"]
-    text = _invoke("inspect", bundle_copy).stdout
+    text = invoke("inspect", bundle_copy).stdout
     assert f"policy: threshold (precision=fp32, threshold={cert['knob_value']})" in text and "by crc" in text
 
     npz = tmp_path / "few.npz"
     np.savez(npz, x_test=sample.x_test[:4])
-    ran = _invoke("run", bundle_copy, npz, "--json", "-")
+    ran = invoke("run", bundle_copy, npz, "--json", "-")
     assert ran.exit_code == 0, ran.output
     assert "stored policy ThresholdPolicy(precision='fp32'" in ran.stderr and "certified gap risk ≤ 0.05" in ran.stderr
     runner = EdgeRunner(bundle_copy)
     assert [r["exit"] for r in json.loads(ran.stdout)["results"]] == [
         runner.classify(im).exit_index for im in sample.x_test[:4]]
 
-    bench = _invoke("bench", bundle_copy, "--data", SAMPLE_NPZ, "--n-images", "20", "--latency-samples", "3",
+    bench = invoke("bench", bundle_copy, "--data", SAMPLE_NPZ, "--n-images", "20", "--latency-samples", "3",
                     "--precisions", "fp32", "--thresholds", "inf", "--json", "-")
     assert bench.exit_code == 0, bench.output
     rows = json.loads(bench.stdout)["policies"]
@@ -390,11 +383,11 @@ def test_calibrate_then_inspect_run_bench(bundle_copy: Path, tmp_path: Path, sam
 def test_calibrate_unlabeled(bundle_copy: Path, tmp_path: Path, sample) -> None:
     npz = tmp_path / "frames.npz"
     np.savez(npz, x_test=sample.x_test[:300])
-    assert "the gap risk needs labels" in _error_line(
-        _invoke("calibrate", bundle_copy, "--unlabeled", npz, "--risk", "gap", "--epsilon", "0.1"))
-    assert "exactly one of them" in _error_line(
-        _invoke("calibrate", bundle_copy, "--unlabeled", npz, "--data", SAMPLE_NPZ, "--epsilon", "0.1"))
-    result = _invoke("calibrate", bundle_copy, "--unlabeled", npz, "--epsilon", "0.1", "--method", "ucb-hb",
+    assert "the gap risk needs labels" in one_line_error(
+        invoke("calibrate", bundle_copy, "--unlabeled", npz, "--risk", "gap", "--epsilon", "0.1"))
+    assert "exactly one of them" in one_line_error(
+        invoke("calibrate", bundle_copy, "--unlabeled", npz, "--data", SAMPLE_NPZ, "--epsilon", "0.1"))
+    result = invoke("calibrate", bundle_copy, "--unlabeled", npz, "--epsilon", "0.1", "--method", "ucb-hb",
                      "--policy", "threshold", "--precision", "int8", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -406,10 +399,11 @@ def test_calibrate_unlabeled(bundle_copy: Path, tmp_path: Path, sample) -> None:
 
 @pytest.mark.slow
 def test_calibrate_infeasible_keeps_the_safest_setting(bundle_copy: Path) -> None:
-    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "50", "--epsilon", "0.01",
+    result = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "50", "--epsilon", "0.01",
                      "--method", "ltt", "--policy", "threshold")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # stored, but the command says it certified nothing
     assert "keeping the safest setting" in result.stdout and "NO KNOB PASSED" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: no setting passed ltt at ε=0.01 on 50 images")
     stored = load_bundle(bundle_copy).policy()
     assert stored.params["threshold"] is None and stored.certificate and not stored.certificate.feasible
     with warnings.catch_warnings():

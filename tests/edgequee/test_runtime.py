@@ -251,10 +251,10 @@ def test_graph_checks_the_manifest_against_the_file(bundle_copy) -> None:
     data = json.loads(path.read_text())
     features = data["blocks"][1]["artifacts"]["fp16"]["outputs"]["features"]
     real = features["shape"]
-    features["shape"] = [1, 99]
+    features["dtype"] = "float16"  # well-formed (the schema passes it) but not what the graph holds
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match=rf"blocks_fp16.tflite: tensor '.*' is float32\[1, {real[1]}\], manifest "
-                                          r"says float32\[1, 99\]; the bundle is inconsistent"):
+                                          rf"says float16\[1, {real[1]}\]; the bundle is inconsistent"):
         EdgeRunner(bundle_copy, ThresholdPolicy("fp16"))
     EdgeRunner(bundle_copy, ThresholdPolicy("int8"))  # other precisions still load
 
