@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke, one_line_error
 
 from edgequee.errors import ConversionError
 
@@ -26,21 +26,6 @@ TRUST = "EDGEQUEE_TRUST_CHECKPOINTS=1"
 @pytest.fixture
 def torch(require: Callable[..., ModuleType]) -> ModuleType:
     return require("torch")
-
-
-def _invoke(*args: Any) -> Result:
-    from edgequee.cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
-def _one_line_error(result: Result) -> str:
-    """The single 'Error: ...' line a user mistake must produce (exit code 1, no traceback)."""
-    assert result.exit_code == 1, (result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 class _TouchOnUnpickle:
@@ -79,9 +64,9 @@ def test_crafted_checkpoint_runs_no_code_in_any_loader(torch: ModuleType, tmp_pa
     with pytest.raises(ConversionError) as e:
         jei_policy(crafted)
     refused(e.value)
-    refused(_one_line_error(_invoke("convert", crafted, "--out", tmp_path / "bundle", "--calib", SAMPLE_NPZ)))
+    refused(one_line_error(invoke("convert", crafted, "--out", tmp_path / "bundle", "--calib", SAMPLE_NPZ)))
     assert not (tmp_path / "bundle").exists()
-    refused(_one_line_error(_invoke("train", crafted, "--data", SAMPLE_NPZ, "--out", tmp_path / "t.pt",
+    refused(one_line_error(invoke("train", crafted, "--data", SAMPLE_NPZ, "--out", tmp_path / "t.pt",
                                     "--head-epochs", 0)))
     assert not (tmp_path / "t.pt").exists()
 
@@ -142,14 +127,14 @@ def test_convert_architecture_name_without_weights_is_refused(torch: ModuleType,
     monkeypatch.setattr(jobs, "convert_model", no_slow_work)
     out = tmp_path / "bundle"
     for name in ("resnet20", "mobilenetv2"):
-        line = _one_line_error(_invoke("convert", name, "--out", out, "--calib", SAMPLE_NPZ))
+        line = one_line_error(invoke("convert", name, "--out", out, "--calib", SAMPLE_NPZ))
         assert f"{name} is an architecture name with no weights" in line and "--pretrained FILE" in line
         assert "--random-init" in line
     assert not out.exists()
-    assert "contradict" in _one_line_error(_invoke("convert", "resnet20", "--pretrained", tmp_path / "w.th",
+    assert "contradict" in one_line_error(invoke("convert", "resnet20", "--pretrained", tmp_path / "w.th",
                                                    "--random-init", "--out", out, "--calib", SAMPLE_NPZ))
     ckpt = REPO / "converters" / "zoo" / "resnet20_cifar10_exits.pt"
-    assert "drop --random-init" in _one_line_error(_invoke("convert", ckpt, "--random-init", "--out", out,
+    assert "drop --random-init" in one_line_error(invoke("convert", ckpt, "--random-init", "--out", out,
                                                            "--calib", SAMPLE_NPZ))
 
     # --random-init is the explicit yes: the job goes on to convert (stopped here, before any real conversion).
@@ -158,7 +143,7 @@ def test_convert_architecture_name_without_weights_is_refused(torch: ModuleType,
 
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "convert_model", stop)
-    line = _one_line_error(_invoke("convert", "resnet20", "--random-init", "--out", out, "--calib", SAMPLE_NPZ,
+    line = one_line_error(invoke("convert", "resnet20", "--random-init", "--out", out, "--calib", SAMPLE_NPZ,
                                    "--calib-images", 4, "--parity-images", 4))
     assert "stopped before converting resnet20" in line
 
@@ -198,16 +183,16 @@ def test_train_custom_factory_without_head(torch: ModuleType, tmp_path: Path) ->
     try:
         out = tmp_path / "fm.pt"
         args = ("--data", SAMPLE_NPZ, "--head-epochs", 1, "--n-train", 64)
-        result = _invoke("train", "fmnet", "--out", out, *args)
+        result = invoke("train", "fmnet", "--out", out, *args)
         assert result.exit_code == 0, (result.output, result.exception)
         assert load_checkpoint(out).config == {"arch": "fmnet", "exits": "stages"}
         # asking for an option the factory does not take is one line naming the contract, before any training
-        line = _one_line_error(_invoke("train", "fmnet", "--out", tmp_path / "x.pt", "--head", "linear", *args))
+        line = one_line_error(invoke("train", "fmnet", "--out", tmp_path / "x.pt", "--head", "linear", *args))
         assert "--head linear: model 'fmnet' takes no head= argument" in line and "@register_model factory" in line
-        line = _one_line_error(_invoke("train", "fmnet_noclasses", "--out", tmp_path / "x.pt", "--pretrained",
+        line = one_line_error(invoke("train", "fmnet_noclasses", "--out", tmp_path / "x.pt", "--pretrained",
                                        tmp_path / "w.th", *args))
         assert "model 'fmnet_noclasses' takes no pretrained= argument" in line
-        line = _one_line_error(_invoke("train", "fmnet_noclasses", "--out", tmp_path / "y.pt", *args))
+        line = one_line_error(invoke("train", "fmnet_noclasses", "--out", tmp_path / "y.pt", *args))
         assert "unexpected keyword argument 'classes'" in line and "@register_model factory" in line
         assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
     finally:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke, one_line_error
 
 from edgequee.bundle import Manifest, load_bundle
 from edgequee.cli import main
@@ -19,22 +19,9 @@ from edgequee.runtime import EdgeRunner
 SAMPLE_NPZ = Path(__file__).resolve().parents[2] / "converters" / "zoo" / "cifar10_sample.npz"
 
 
-def _invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
-def _one_line_error(result: Result) -> str:
-    """The single 'Error: ...' line a user mistake must produce (exit code 1, no traceback)."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", sorted(main.commands))
 def test_help_on_every_command(command: str) -> None:
-    result = _invoke(command, "--help")
+    result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"Usage: edgequee {command} ")
     summary = " ".join((main.commands[command].help or "").split())[:40]
@@ -42,19 +29,19 @@ def test_help_on_every_command(command: str) -> None:
 
 
 def test_top_level_help_and_version() -> None:
-    result = _invoke("-h")
+    result = invoke("-h")
     assert result.exit_code == 0 and all(name in result.stdout for name in main.commands)
-    result = _invoke("--version")
+    result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.strip() == "edgequee, version 0.1.0"
 
 
 def test_inspect_not_a_bundle(tmp_path: Path) -> None:
-    assert "no manifest.json; is this an edgequee bundle?" in _one_line_error(_invoke("inspect", tmp_path))
+    assert "no manifest.json; is this an edgequee bundle?" in one_line_error(invoke("inspect", tmp_path))
 
 
 @pytest.mark.slow
 def test_inspect_text(converted) -> None:
-    result = _invoke("inspect", converted.path)
+    result = invoke("inspect", converted.path)
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert f"bundle {converted.path}  (format 1, verified)" in out
@@ -66,7 +53,7 @@ def test_inspect_text(converted) -> None:
 
 @pytest.mark.slow
 def test_inspect_json_to_stdout(converted) -> None:
-    result = _invoke("inspect", converted.path, "--json", "-")
+    result = invoke("inspect", converted.path, "--json", "-")
     assert result.exit_code == 0, result.output
     assert Manifest.from_json(json.loads(result.stdout)) == load_bundle(converted.path).manifest
 
@@ -75,13 +62,13 @@ def test_inspect_json_to_stdout(converted) -> None:
 def test_inspect_corrupt_bundle(bundle_copy: Path) -> None:
     path = bundle_copy / "whole" / "whole_int8.tflite"
     path.write_bytes(path.read_bytes()[:-1])
-    assert "whole/whole_int8.tflite sha256 mismatch" in _one_line_error(_invoke("inspect", bundle_copy))
-    assert _invoke("inspect", bundle_copy, "--no-verify").exit_code == 0
+    assert "whole/whole_int8.tflite sha256 mismatch" in one_line_error(invoke("inspect", bundle_copy))
+    assert invoke("inspect", bundle_copy, "--no-verify").exit_code == 0
 
 
 @pytest.mark.slow
 def test_profile(converted, bundle_copy: Path) -> None:
-    result = _invoke("profile", bundle_copy, "--device", "pi5", "--min-time", "0.01")
+    result = invoke("profile", bundle_copy, "--device", "pi5", "--min-time", "0.01")
     assert result.exit_code == 0, result.output
     written = bundle_copy / "profiles" / "pi5.json"
     profile = json.loads(written.read_text())
@@ -90,14 +77,14 @@ def test_profile(converted, bundle_copy: Path) -> None:
     assert len(profile["blocks"]) == 3 * converted.model.num_exits
     assert "energy: not measured" in result.stdout and f"wrote {written}" in result.stdout
     assert "profiling" in result.stderr  # the progress bar goes to stderr
-    assert "profiles: pi5" in _invoke("inspect", bundle_copy).stdout
+    assert "profiles: pi5" in invoke("inspect", bundle_copy).stdout
 
 
 @pytest.mark.slow
 def test_bench_json_and_plot(converted, tmp_path: Path, require: Callable[..., ModuleType]) -> None:
     require("matplotlib")
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = _invoke("bench", converted.path, "--data", SAMPLE_NPZ, "--n-images", "20", "--latency-samples", "3",
+    result = invoke("bench", converted.path, "--data", SAMPLE_NPZ, "--n-images", "20", "--latency-samples", "3",
                      "--precisions", "fp32,int8", "--thresholds", "0.5,inf", "--json", out, "--plot", plot)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -113,13 +100,13 @@ def test_bench_json_and_plot(converted, tmp_path: Path, require: Callable[..., M
 @pytest.mark.slow
 def test_bench_with_no_latency_samples_is_a_clean_error(converted) -> None:
     """--latency-samples 0 is refused (or handled); never a traceback."""
-    result = _invoke("bench", converted.path, "--data", SAMPLE_NPZ, "--n-images", "10", "--latency-samples", "0",
+    result = invoke("bench", converted.path, "--data", SAMPLE_NPZ, "--n-images", "10", "--latency-samples", "0",
                      "--precisions", "fp32", "--thresholds", "inf")
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 def test_bench_rejects_unknown_precision(tmp_path: Path) -> None:
-    result = _invoke("bench", tmp_path, "--data", SAMPLE_NPZ, "--precisions", "fp32,fp64")
+    result = invoke("bench", tmp_path, "--data", SAMPLE_NPZ, "--precisions", "fp32,fp64")
     assert result.exit_code == 2
     assert "Invalid value for '--precisions': 'fp64': choose from fp32, fp16, int8" in result.stderr
 
@@ -137,7 +124,7 @@ def png_files(sample, tmp_path: Path, require: Callable[..., ModuleType]) -> lis
 
 @pytest.mark.slow
 def test_run_png_files(converted, sample, png_files: list[Path]) -> None:
-    result = _invoke("run", converted.path, *png_files, "--json", "-")
+    result = invoke("run", converted.path, *png_files, "--json", "-")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
     runner = EdgeRunner(converted.path)
@@ -150,7 +137,7 @@ def test_run_png_files(converted, sample, png_files: list[Path]) -> None:
 
 @pytest.mark.slow
 def test_run_early_exit_text(converted, sample, png_files: list[Path]) -> None:
-    result = _invoke("run", converted.path, *png_files, "--precision", "int8", "--threshold", "0")
+    result = invoke("run", converted.path, *png_files, "--precision", "int8", "--threshold", "0")
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     runner = EdgeRunner(converted.path, ThresholdPolicy("int8", 0.0))
@@ -163,7 +150,7 @@ def test_run_early_exit_text(converted, sample, png_files: list[Path]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nope.png", "nope.npz"])
 def test_run_missing_input(converted, tmp_path: Path, name: str) -> None:
-    assert f"{name}: " in _one_line_error(_invoke("run", converted.path, tmp_path / name))
+    assert f"{name}: " in one_line_error(invoke("run", converted.path, tmp_path / name))
 
 
 @pytest.mark.parametrize(
@@ -174,7 +161,7 @@ def test_run_missing_input(converted, tmp_path: Path, name: str) -> None:
 def test_convert_unknown_model(tmp_path: Path, require: Callable[..., ModuleType], model: str, message: str) -> None:
     require("torch")
     out = tmp_path / "bundle"
-    line = _one_line_error(_invoke("convert", tmp_path / model if model.endswith(".pt") else model,
+    line = one_line_error(invoke("convert", tmp_path / model if model.endswith(".pt") else model,
                                    "--out", out, "--calib", SAMPLE_NPZ))
     assert message in line
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -15,17 +15,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke
 
 from edgequee.bundle import load_bundle
-from edgequee.cli import main
 
 SAMPLE_NPZ = Path(__file__).resolve().parents[2] / "converters" / "zoo" / "cifar10_sample.npz"
 N_FRAMES = 40
-
-
-def _invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
 
 
 def _log(path: Path) -> list[dict[str, Any]]:
@@ -68,7 +63,7 @@ def test_headless_video(cv2: ModuleType, converted, sample, profiled: Path, vide
     from edgequee.runtime import EdgeRunner
 
     out = tmp_path / "out"
-    result = _invoke("demo", "camera", profiled, "--source", video, "--headless", "--out", out,
+    result = invoke("demo", "camera", profiled, "--source", video, "--headless", "--out", out,
                      "--precision", "int8", "--threshold", "0.8", "--json", "-")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -195,7 +190,7 @@ def test_lost_camera_keeps_the_log(cv2: ModuleType, converted, video: Path, tmp_
 def test_camera_that_never_opens_is_a_clean_error(cv2: ModuleType, converted, tmp_path: Path) -> None:
     index = next(i for i in range(60, 100) if not os.path.exists(f"/dev/video{i}"))
     out = tmp_path / "out"
-    result = _invoke("demo", "camera", converted.path, "--source", f"v4l2:{index}", "--headless", "--out", out,
+    result = invoke("demo", "camera", converted.path, "--source", f"v4l2:{index}", "--headless", "--out", out,
                      "--retries", "1", "--backoff", "0.01")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.stderr.strip().splitlines()[-1] == (
@@ -209,12 +204,12 @@ def test_camera_that_never_opens_is_a_clean_error(cv2: ModuleType, converted, tm
 def test_source_errors(cv2: ModuleType, converted, tmp_path: Path) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\0" * 4096)
-    result = _invoke("demo", "camera", converted.path, "--source", bad, "--headless", "--out", tmp_path / "o")
+    result = invoke("demo", "camera", converted.path, "--source", bad, "--headless", "--out", tmp_path / "o")
     assert result.exit_code == 1 and "cannot open this video" in result.stderr
-    result = _invoke("demo", "camera", converted.path, "--source", tmp_path / "missing.mp4", "--headless", "--out",
+    result = invoke("demo", "camera", converted.path, "--source", tmp_path / "missing.mp4", "--headless", "--out",
                      tmp_path / "o")
     assert result.exit_code == 1 and "no such file or folder" in result.stderr
-    assert _invoke("demo", "camera", converted.path, "--source", bad, "--headless").exit_code == 2
+    assert invoke("demo", "camera", converted.path, "--source", bad, "--headless").exit_code == 2
 
 
 def _embedded_pngs(page: str, cv2: ModuleType) -> list[np.ndarray]:
@@ -227,7 +222,7 @@ def test_bench_html_report(cv2: ModuleType, require: Callable[..., ModuleType], 
                            tmp_path: Path) -> None:
     require("matplotlib")
     report_dir = tmp_path / "report"
-    result = _invoke("bench", profiled, "--data", SAMPLE_NPZ, "--n-images", "30", "--latency-samples", "3",
+    result = invoke("bench", profiled, "--data", SAMPLE_NPZ, "--n-images", "30", "--latency-samples", "3",
                      "--precisions", "fp32,int8", "--thresholds", "0.5,0.9,inf", "--report", report_dir,
                      "--json", tmp_path / "bench.json")
     assert result.exit_code == 0, result.output

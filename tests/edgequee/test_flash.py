@@ -10,33 +10,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke, one_line_error
+from sshd import SshServer, find_sshd
 
 from edgequee.bundle import load_bundle, sha256_file, write_policy
-from edgequee.cli import main
 from edgequee.flash import FlashError, SshOptions, Target, flash, read_hosts, rollback, scan_bundle
 from edgequee.policies import ThresholdPolicy, to_stored
-from sshd import SshServer, find_sshd
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_NPZ = REPO / "converters" / "zoo" / "cifar10_sample.npz"
-
-
-def _invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
-def _one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 def _wait_unlocked(root: Path) -> None:
@@ -127,12 +115,12 @@ def test_flash_happy_path_and_idempotent(device: Device, server: SshServer, bund
     root, target = device.root, device.target
     name = scan_bundle(first).name
 
-    result = _invoke("flash", first, target, "-F", server.config, "--dry-run")
+    result = invoke("flash", first, target, "-F", server.config, "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"dry run: {name} → {target}" in result.stdout and "would upload 7 of 7 files" in result.stdout
     assert not (root / "bundles").exists()  # a dry run changes nothing
 
-    result = _invoke("flash", first, target, "-F", server.config)
+    result = invoke("flash", first, target, "-F", server.config)
     assert result.exit_code == 0, result.output
     assert f"{name} → {target}  (activated" in result.stdout
     assert "7 uploaded" in result.stdout and "sha256 verified on the device: 7/7" in result.stdout
@@ -141,14 +129,14 @@ def test_flash_happy_path_and_idempotent(device: Device, server: SshServer, bund
     assert deployed.manifest == load_bundle(first).manifest
     assert sorted(os.listdir(root / "bundles")) == [name]
 
-    result = _invoke("flash", first, target, "-F", server.config, "--json", "-")
+    result = invoke("flash", first, target, "-F", server.config, "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["action"] == "unchanged" and report["uploaded_bytes"] == 0
     assert {f["action"] for f in report["files"]} == {"on device"}
 
     # A new version of the same model: only what changed travels, the rest is copied on the device.
-    result = _invoke("flash", second, target, "-F", server.config, "--json", "-")
+    result = invoke("flash", second, target, "-F", server.config, "--json", "-")
     report = json.loads(result.stdout)
     moved = {f["path"]: f["action"] for f in report["files"]}
     assert {p for p, a in moved.items() if a == "upload"} == {"manifest.json"} | {
@@ -167,14 +155,14 @@ def test_rollback_restores_previous_bundle(device: Device, server: SshServer, bu
     one, two = scan_bundle(first).name, scan_bundle(second).name
     assert device.current() == f"bundles/{two}"
 
-    result = _invoke("flash", "--rollback", target, "-F", server.config, "--dry-run")
+    result = invoke("flash", "--rollback", target, "-F", server.config, "--dry-run")
     assert result.exit_code == 0 and f"would switch current → bundles/{one}" in result.stdout
     assert device.current() == f"bundles/{two}"
-    result = _invoke("flash", "--rollback", target, "-F", server.config)
+    result = invoke("flash", "--rollback", target, "-F", server.config)
     assert result.exit_code == 0, result.output
     assert f"rolled back: current → bundles/{one} (was {two})" in result.stdout
     assert device.current() == f"bundles/{one}"
-    assert "no previous bundle to roll back to" in _one_line_error(_invoke("flash", "--rollback", target, "-F",
+    assert "no previous bundle to roll back to" in one_line_error(invoke("flash", "--rollback", target, "-F",
                                                                             server.config))
     # Flashing the newer one again is a switch: its verified copy is still on the device.
     report = device.flash(second)
@@ -290,7 +278,7 @@ def test_parallel_hosts_with_summary(server: SshServer, bundles: tuple[Path, Pat
     hosts = tmp_path / "hosts"
     hosts.write_text("\n".join([server.target(roots[0]), server.target(roots[1]),
                                 f"{server.user}@127.0.0.1:1:/x", ""]))  # nothing listens on port 1
-    result = _invoke("flash", first, "--hosts", hosts, "-F", server.config, "--json", str(tmp_path / "r.json"))
+    result = invoke("flash", first, "--hosts", hosts, "-F", server.config, "--json", str(tmp_path / "r.json"))
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == f"Error: 1 of 3 hosts failed: {server.user}@127.0.0.1:1:/x"
     table = result.stdout
@@ -301,7 +289,7 @@ def test_parallel_hosts_with_summary(server: SshServer, bundles: tuple[Path, Pat
     assert [r["ok"] for r in results] == [True, True, False]
 
     hosts.write_text("\n".join(server.target(r) for r in roots))
-    result = _invoke("flash", first, "--hosts", hosts, "-F", server.config)
+    result = invoke("flash", first, "--hosts", hosts, "-F", server.config)
     assert result.exit_code == 0 and "2 ok, 0 failed" in result.stdout and result.stdout.count("unchanged") == 2
 
 
@@ -313,7 +301,7 @@ def test_ssh_failures_are_one_line_with_the_fix(device: Device, server: SshServe
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     unknown = server.write_config(tmp_path / "unknown", known_hosts=empty)
-    err = _one_line_error(_invoke("flash", first, target, "-F", unknown))
+    err = one_line_error(invoke("flash", first, target, "-F", unknown))
     assert (f"the host key of 127.0.0.1:{server.port} is not in known_hosts, and edgequee never accepts host keys "
             "by itself") in err
     assert f"ssh-keyscan -p {server.port} 127.0.0.1 >> ~/.ssh/known_hosts" in err
@@ -323,14 +311,14 @@ def test_ssh_failures_are_one_line_with_the_fix(device: Device, server: SshServe
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     changed = tmp_path / "changed_known_hosts"
     changed.write_text(f"[127.0.0.1]:{server.port} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
-    err = _one_line_error(_invoke("flash", first, target, "-F", server.write_config(tmp_path / "c", changed)))
+    err = one_line_error(invoke("flash", first, target, "-F", server.write_config(tmp_path / "c", changed)))
     assert "has CHANGED" in err and f"ssh-keygen -R '[127.0.0.1]:{server.port}'" in err
 
     stranger = server.write_config(tmp_path / "stranger", identity=other)
-    err = _one_line_error(_invoke("flash", first, target, "-F", stranger))
+    err = one_line_error(invoke("flash", first, target, "-F", stranger))
     assert "authentication failed" in err and "ssh-copy-id" in err
 
-    err = _one_line_error(_invoke("flash", first, f"{server.user}@127.0.0.1:1:/x", "-F", server.config))
+    err = one_line_error(invoke("flash", first, f"{server.user}@127.0.0.1:1:/x", "-F", server.config))
     assert "cannot reach" in err and "Connection refused" in err
     assert not root.exists()
 
@@ -344,7 +332,7 @@ def test_install_runtime_offline_and_profile_remote(device: Device, server: SshS
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(wheels),
                            "numpy", "click"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    result = _invoke("flash", first, target, "-F", server.config, "--install-runtime", "--wheels", wheels,
+    result = invoke("flash", first, target, "-F", server.config, "--install-runtime", "--wheels", wheels,
                      "--runtime-extras", "", "--json", "-")
     assert result.exit_code == 0, result.output
     rt = json.loads(result.stdout)["runtime"]
@@ -358,7 +346,7 @@ def test_install_runtime_offline_and_profile_remote(device: Device, server: SshS
     # The profile runs on the device (here with this interpreter, which has a TFLite runtime) and comes back.
     local = tmp_path / "local"
     shutil.copytree(first, local)
-    result = _invoke("profile", local, "--device", "bench-pi", "--remote", target, "-F", server.config,
+    result = invoke("profile", local, "--device", "bench-pi", "--remote", target, "-F", server.config,
                      "--remote-python", sys.executable, "--min-time", "0.02", "--passes", "1", "--no-transitions")
     assert result.exit_code == 0, result.output
     pulled = local / "profiles" / "bench-pi.json"
@@ -376,7 +364,7 @@ def test_convert_then_flash(device: Device, server: SshServer, sample, tmp_path:
     np.savez(npz, x_train=sample.x_train[:16], y_train=sample.y_train[:16], x_test=sample.x_test[:16],
              y_test=sample.y_test[:16], classes=np.array(sample.classes))
     out = tmp_path / "b"
-    result = _invoke("convert", REPO / "converters" / "zoo" / "resnet20_cifar10_exits.pt", "--out", out, "--calib",
+    result = invoke("convert", REPO / "converters" / "zoo" / "resnet20_cifar10_exits.pt", "--out", out, "--calib",
                      npz, "--calib-images", 16, "--parity-images", 16, "--precisions", "fp32",
                      "--flash", device.target, "-F", server.config)
     assert result.exit_code == 0, result.output

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import invoke, one_line_error
 from test_flash import (  # noqa: F401  (fixtures, used by name)
     Device,
-    _invoke,
-    _one_line_error,
     bundles,
     device,
     server,
@@ -139,7 +138,7 @@ def test_symlinked_file_in_bundle_never_reaches_the_device(server, device: Devic
     key = _canary(tmp_path)
     (bundle_copy / "notes").mkdir()
     (bundle_copy / "notes" / "readme.txt").symlink_to(key)
-    err = _one_line_error(_invoke("flash", bundle_copy, device.target, "-F", server.config))
+    err = one_line_error(invoke("flash", bundle_copy, device.target, "-F", server.config))
     assert f"{bundle_copy}: notes/readme.txt is a symlink (file link to {key})" in err
     assert "replace the symlink with the file or re-convert the bundle" in err
     with pytest.raises(FlashError, match="notes/readme.txt is a symlink"):
@@ -161,7 +160,7 @@ def test_symlinked_directory_in_bundle_is_refused(server, device: Device, bundle
                                                   tmp_path: Path) -> None:
     key = _canary(tmp_path)
     (bundle_copy / "demo").symlink_to(key.parent, target_is_directory=True)
-    err = _one_line_error(_invoke("flash", bundle_copy, device.target, "-F", server.config))
+    err = one_line_error(invoke("flash", bundle_copy, device.target, "-F", server.config))
     assert f"demo is a symlink (directory link to {key.parent})" in err and "re-convert" in err
     assert not device.root.exists() or not _files_holding(device.root, SECRET)
     # a link deeper down, in a real directory, is found as well
@@ -196,7 +195,7 @@ def test_load_bundle_failing_is_a_one_line_error(bundle_copy: Path, monkeypatch)
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     del manifest["blocks"][0]["artifacts"]["fp32"]["input"]
     _write_manifest(bundle_copy, manifest)
-    err = _one_line_error(_invoke("flash", bundle_copy, "pi@127.0.0.1:1:/x", "--dry-run"))
+    err = one_line_error(invoke("flash", bundle_copy, "pi@127.0.0.1:1:/x", "--dry-run"))
     assert "manifest.json" in err and "re-convert" in err
     # Whatever load_bundle raises (a KeyError from an older reader, an OSError) is one line that names the fix.
     for exc, says in ((KeyError("input"), "is malformed (KeyError: 'input'); re-convert the bundle"),
@@ -205,7 +204,7 @@ def test_load_bundle_failing_is_a_one_line_error(bundle_copy: Path, monkeypatch)
             raise exc
 
         monkeypatch.setattr(flash_mod, "load_bundle", boom)
-        err = _one_line_error(_invoke("flash", bundle_copy, "pi@127.0.0.1:1:/x", "--dry-run"))
+        err = one_line_error(invoke("flash", bundle_copy, "pi@127.0.0.1:1:/x", "--dry-run"))
         assert says in err, err
 
 

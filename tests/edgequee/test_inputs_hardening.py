@@ -18,10 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from clirun import invoke, one_line_error
 
 from edgequee.bundle import InputSpec
-from edgequee.cli import main
 from edgequee.data import check_labels, load_dataset, read_image
 from edgequee.errors import DataError
 from edgequee.inputs import _fit, read_inputs
@@ -32,21 +31,8 @@ FAST_BENCH = ("--latency-samples", "2", "--rounds", "1", "--precisions", "fp32",
 GRAY = InputSpec(32, 32, channels=1, mean=(0.0,), std=(1.0,), color="grayscale")
 
 
-def _invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
-def _one_line_error(result: Result) -> str:
-    """The single 'Error: ...' line a user mistake must produce (exit code 1, no traceback)."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
 def _bench_json(bundle: Path, data: Path) -> dict[str, Any]:
-    result = _invoke("bench", bundle, "--data", data, *FAST_BENCH, "--json", "-")
+    result = invoke("bench", bundle, "--data", data, *FAST_BENCH, "--json", "-")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -77,7 +63,7 @@ def test_bench_refuses_labels_outside_the_models_classes(converted, sample, tmp_
     """Was: y+100 or -1 benched as 0.00 % accuracy with exit code 0."""
     y = sample.y_test[:40] + shift if shift > 0 else np.full(40, shift)
     data = _npz(tmp_path / "bad.npz", x_test=sample.x_test[:40], y_test=y)
-    line = _one_line_error(_invoke("bench", converted.path, "--data", data, *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", data, *FAST_BENCH))
     assert "bad.npz: y_test" in line and shown in line and ("airplane" in line or "class indices" in line)
 
 
@@ -98,9 +84,9 @@ def test_calibrate_refuses_labels_outside_the_models_classes(bundle_copy: Path, 
     """Was: calibrate certified a threshold from labels no prediction can match, and stored it."""
     y = sample.y_test[:300] + shift if shift > 0 else np.full(300, shift)
     data = _npz(tmp_path / "bad.npz", x_test=sample.x_test[:300], y_test=y)
-    result = _invoke("calibrate", bundle_copy, "--data", data, "--policy", "threshold", "--precision", "int8",
+    result = invoke("calibrate", bundle_copy, "--data", data, "--policy", "threshold", "--precision", "int8",
                      "--epsilon", "0.05", "--method", "crc")
-    assert "bad.npz: y_test" in _one_line_error(result)
+    assert "bad.npz: y_test" in one_line_error(result)
     assert not (bundle_copy / "policy").exists()
 
 
@@ -110,7 +96,7 @@ def test_nan_labels(converted, sample, tmp_path: Path) -> None:
     y = sample.y_test[:20].astype(np.float64)
     y[3] = np.nan
     data = _npz(tmp_path / "nan.npz", x_test=sample.x_test[:20], y_test=y)
-    line = _one_line_error(_invoke("bench", converted.path, "--data", data, *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", data, *FAST_BENCH))
     assert "nan.npz: y_test: 1 label(s) are NaN (first at index 3)" in line
 
 
@@ -118,7 +104,7 @@ def test_nan_labels(converted, sample, tmp_path: Path) -> None:
 def test_two_dimensional_labels(converted, sample, tmp_path: Path) -> None:
     """Was: a numpy broadcasting traceback in bench (one-hot labels (N, 10))."""
     data = _npz(tmp_path / "onehot.npz", x_test=sample.x_test[:20], y_test=np.eye(10)[sample.y_test[:20]])
-    line = _one_line_error(_invoke("bench", converted.path, "--data", data, *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", data, *FAST_BENCH))
     assert "must be a 1-D array of class indices (N,), got shape (20, 10)" in line and "argmax" in line
 
 
@@ -134,7 +120,7 @@ def test_fractional_labels(sample, tmp_path: Path) -> None:
 def test_object_array_npz(converted, sample, tmp_path: Path) -> None:
     """Was: ValueError traceback 'Object arrays cannot be loaded when allow_pickle=False'."""
     data = _npz(tmp_path / "obj.npz", x_test=sample.x_test[:20], y_test=np.array(list(sample.y_test[:20]), object))
-    line = _one_line_error(_invoke("bench", converted.path, "--data", data, *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", data, *FAST_BENCH))
     assert "obj.npz: y_test is an object array" in line and "np.int64" in line
 
 
@@ -181,7 +167,7 @@ def test_unknown_class_folder_name(converted, sample, cv2, tmp_path: Path) -> No
     """Was: a folder named zebra/ was benched as class 0 (airplane), 0.00 % and exit 0."""
     _png(cv2, tmp_path / "data" / "cat" / "a.png", sample.x_test[0])
     _png(cv2, tmp_path / "data" / "zebra" / "b.png", sample.x_test[1])
-    line = _one_line_error(_invoke("bench", converted.path, "--data", tmp_path / "data", *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", tmp_path / "data", *FAST_BENCH))
     assert "sub-folder(s) zebra are not classes of the model" in line
     assert "airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck" in line and "0..9" in line
 
@@ -191,7 +177,7 @@ def test_npz_classes_share_nothing_with_the_model(converted, sample, tmp_path: P
     """Was: an .npz of classes c0..c9 was benched against the model's airplane..truck as if they were the same."""
     data = _npz(tmp_path / "foreign.npz", x_test=sample.x_test[:20], y_test=sample.y_test[:20],
                 classes=np.array([f"c{i}" for i in range(10)]))
-    line = _one_line_error(_invoke("bench", converted.path, "--data", data, *FAST_BENCH))
+    line = one_line_error(invoke("bench", converted.path, "--data", data, *FAST_BENCH))
     assert "foreign.npz: its classes (c0, c1" in line and "share none with the model's (airplane" in line
 
 
@@ -300,7 +286,7 @@ def test_run_continues_past_a_bad_file(converted, sample, cv2, tmp_path: Path) -
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
     out = tmp_path / "run.json"
-    result = _invoke("run", converted.path, good[0], broken, junk, good[1], "--json", out)
+    result = invoke("run", converted.path, good[0], broken, junk, good[1], "--json", out)
     assert result.exit_code == 1, result.output
     rows = json.loads(out.read_text())["results"]
     assert [r["input"] for r in rows] == [str(good[0]), str(broken), str(junk), str(good[1])]
@@ -320,9 +306,9 @@ def test_calibrate_unlabeled_stops_at_a_bad_file(bundle_copy: Path, sample, cv2,
     for n in range(3):
         _png(cv2, tmp_path / "imgs" / f"{n}.png", sample.x_test[n])
     (tmp_path / "imgs" / "1b.png").write_bytes(b"not a png")
-    result = _invoke("calibrate", bundle_copy, "--unlabeled", tmp_path / "imgs", "--policy", "threshold",
+    result = invoke("calibrate", bundle_copy, "--unlabeled", tmp_path / "imgs", "--policy", "threshold",
                      "--precision", "int8", "--epsilon", "0.05")
-    assert "1b.png: cannot decode this image" in _one_line_error(result)
+    assert "1b.png: cannot decode this image" in one_line_error(result)
 
 
 # ------------------------------------------------------------------------------------------- bench, 0 images
@@ -338,4 +324,4 @@ def test_bench_with_zero_images(converted, sample, tmp_path: Path, how: tuple[st
     n = 0 if not how else 10
     data = _npz(tmp_path / "d.npz", x_test=sample.x_test[:n], y_test=sample.y_test[:n],
                 x_train=sample.x_train[:2], y_train=sample.y_train[:2])
-    assert message in _one_line_error(_invoke("bench", converted.path, "--data", data, *how, *FAST_BENCH))
+    assert message in one_line_error(invoke("bench", converted.path, "--data", data, *how, *FAST_BENCH))

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import invoke
 
 from edgequee.bundle import load_bundle
-from edgequee.cli import main
 from edgequee.cost import CostModel
 from edgequee.errors import BundleError, DataError
 from edgequee.policies import EXIT, ExitState, KnobPolicy, create_policy, never_exits_early, policy_from_bundle
@@ -252,13 +251,9 @@ def test_runtime_decisions_equal_the_vectorised_ones(converted, sample, traces: 
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def _invoke(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="edgequee")
-
-
 @pytest.mark.slow
 def test_calibrate_quee_with_a_lambda_then_run(bundle_copy: Path, sample) -> None:
-    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
+    result = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
                      "--n-cal", "200", "--lam", "0.01", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -277,7 +272,7 @@ def test_calibrate_quee_with_a_lambda_then_run(bundle_copy: Path, sample) -> Non
     rebuilt = create_policy("quee", **stored.params, arrays=dict(stored.arrays))
     assert rebuilt.params() == policy_from_bundle(load_bundle(bundle_copy)).params()
 
-    budget = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
+    budget = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
                      "--n-cal", "200", "--budget-ms", "3.0", "--json", "-")
     assert budget.exit_code == 0, budget.output
     sel = json.loads(budget.stdout)["selection"]
@@ -286,7 +281,7 @@ def test_calibrate_quee_with_a_lambda_then_run(bundle_copy: Path, sample) -> Non
 
 @pytest.mark.slow
 def test_calibrate_quee_with_risk_control(bundle_copy: Path) -> None:
-    result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
+    result = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--policy", "quee", "--device", "rpi4",
                      "--n-cal", "400", "--epsilon", "0.05", "--method", "crc", "--json", "-")
     assert result.exit_code == 0, result.output
     cert = json.loads(result.stdout)["policy"]["certificate"]
@@ -306,5 +301,5 @@ def test_calibrate_quee_option_errors(bundle_copy: Path) -> None:
         (["--policy", "threshold", "--augment", "2", "--epsilon", "0.1"], "drop it for threshold"),
     ]
     for extra, message in cases:
-        result = _invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "30", *extra)
+        result = invoke("calibrate", bundle_copy, "--data", SAMPLE_NPZ, "--n-cal", "30", *extra)
         assert result.exit_code == 1 and message.split(" .*")[0] in result.stderr, (extra, result.output)
