@@ -149,7 +149,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file (expected an akamaster ResNet .th checkpoint)") from None
     except Exception as e:  # noqa: BLE001 — any unpickling failure means "not this format"
-        raise ConversionError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's weights_only refusal runs to many lines
+        raise ConversionError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {first})") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         got = type(ckpt).__name__

@@ -217,7 +217,7 @@ def _npz_classes(stored: np.ndarray, path: Path) -> tuple[str, ...]:
 def _load_folder(path: Path, image_size: tuple[int, int] | None, model_classes: Sequence[str] | None = None,
                  channels: int = 3) -> Dataset:
     try:
-        folders = sorted(p.name for p in path.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))  # not .git
     except OSError as e:
         raise DataError(f"{path}: cannot list this folder ({e.strerror or e}); fix its permissions") from e
     if not folders:

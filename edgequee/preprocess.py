@@ -53,5 +53,6 @@ def check_images(images: np.ndarray, spec: InputSpec) -> None:
     if images.dtype != np.uint8 or images.shape[-3:] != want or images.ndim not in (3, 4):
         raise DataError(
             f"images must be uint8 {spec.layout} of shape (N, {want[0]}, {want[1]}, {want[2]}) or {want}, "
-            f"got {images.dtype} {images.shape}; resize to {want[0]}x{want[1]} RGB and pass raw 0-255 pixels"
+            f"got {images.dtype} {images.shape}; resize to {want[0]}x{want[1]} "
+            f"{'RGB' if want[2] == 3 else f'with {want[2]} channel(s)'} and pass raw 0-255 pixels"
         )

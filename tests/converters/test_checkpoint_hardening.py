@@ -76,6 +76,16 @@ def test_crafted_checkpoint_runs_no_code_in_any_loader(torch: ModuleType, tmp_pa
     assert canary.exists()
 
 
+def test_crafted_pretrained_weights_run_no_code(torch: ModuleType, tmp_path: Path) -> None:
+    """--pretrained backbone weights (akamaster .th) are a pickle too: refused in one line, nothing runs."""
+    canary = tmp_path / "canary"
+    crafted = tmp_path / "resnet20.th"
+    torch.save({"state_dict": {}, "payload": _TouchOnUnpickle(canary)}, crafted)
+    line = one_line_error(invoke("convert", "resnet20", "--pretrained", crafted, "--out", tmp_path / "bundle",
+                                 "--calib", SAMPLE_NPZ))
+    assert "resnet20.th: cannot read as a torch checkpoint" in line and not canary.exists()
+
+
 def test_edgequee_checkpoints_still_load_without_trust(torch: ModuleType, tmp_path: Path, monkeypatch) -> None:
     """Regression guard for fault 1's fix: what edgequee writes loads with weights_only=True (no allow-list)."""
     from converters._registry import create_model

@@ -162,6 +162,14 @@ def test_folder_named_by_class_index(sample, cv2, tmp_path: Path) -> None:
     assert ds.y_test.tolist() == [3, 5, 5] and ds.classes == classes
 
 
+def test_hidden_folders_are_not_classes(sample, cv2, tmp_path: Path) -> None:
+    """A notebook's .ipynb_checkpoints/ (or .git/) beside the class folders is not an unknown class."""
+    _png(cv2, tmp_path / "cat" / "a.png", sample.x_test[0])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    ds = load_dataset(tmp_path, classes=("airplane", "cat"))
+    assert ds.y_test.tolist() == [1]
+
+
 @pytest.mark.slow
 def test_unknown_class_folder_name(converted, sample, cv2, tmp_path: Path) -> None:
     """Was: a folder named zebra/ was benched as class 0 (airplane), 0.00 % and exit 0."""
