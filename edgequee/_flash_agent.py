@@ -59,43 +59,18 @@ class Hangup(Exception):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def manifest_files(manifest):
-    """Every file a manifest vouches for, ``{relative path: sha256}``.
-
-    That is heads.npz (``heads_sha256``) and, anywhere in the manifest, each ``file``/``sha256`` pair and each
-    ``<x>_file``/``<x>_sha256`` pair (the stored policy's arrays), so files added to the format later are verified too.
-    """
-    out = {}
-    if isinstance(manifest.get("heads_sha256"), str):
-        out[HEADS] = manifest["heads_sha256"]
-
-    def walk(node):
-        if isinstance(node, dict):
-            for key, rel in node.items():
-                if key == "file" or key.endswith("_file"):
-                    sha = node.get(key[:-4] + "sha256")
-                    if isinstance(rel, str) and isinstance(sha, str):
-                        out[rel] = sha
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(manifest)
-    return out
-
-
-def manifest_paths(manifest):
-    """Every path a manifest names (each ``file``/``<x>_file`` string, with a sha256 beside it or not, and heads.npz):
-    what must stay inside the bundle."""
-    out = set(manifest_files(manifest))
+def _file_fields(manifest):
+    """``(path, sha256 or None)`` for every file a manifest names: heads.npz (``heads_sha256``) and, anywhere in it,
+    each ``file`` string with the ``sha256`` beside it and each ``<x>_file`` with its ``<x>_sha256`` (the stored
+    policy's arrays), so files added to the format later are covered too."""
+    out = [(HEADS, manifest["heads_sha256"])] if isinstance(manifest.get("heads_sha256"), str) else []
 
     def walk(node):
         if isinstance(node, dict):
             for key, rel in node.items():
                 if (key == "file" or key.endswith("_file")) and isinstance(rel, str):
-                    out.add(rel)
+                    sha = node.get(key[:-4] + "sha256")
+                    out.append((rel, sha if isinstance(sha, str) else None))
                 walk(rel)
         elif isinstance(node, list):
             for v in node:
@@ -103,6 +78,16 @@ def manifest_paths(manifest):
 
     walk(manifest)
     return out
+
+
+def manifest_files(manifest):
+    """Every file a manifest vouches for, ``{relative path: sha256}``."""
+    return {rel: sha for rel, sha in _file_fields(manifest) if sha is not None}
+
+
+def manifest_paths(manifest):
+    """Every path a manifest names, with a sha256 beside it or not: what must stay inside the bundle."""
+    return {rel for rel, _ in _file_fields(manifest)}
 
 
 def sha256_of(path):

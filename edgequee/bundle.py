@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from .errors import BundleError
-from .locking import bundle_lock, pid_alive, remove_stale
+from .locking import bundle_lock, dead_writer, remove_stale
 from .schema import CALIBRATE_FIX, check_device_name, check_manifest, check_policy_spec
 
 __all__ = [
@@ -80,7 +80,8 @@ __all__ = [
     "PolicyKept",
     "check_replaceable",
     "is_bundle_dir",
-    "refuse_symlinks",
+    "plain_files",
+    "NotPlainFile",
 ]
 
 FORMAT_VERSION = 1
@@ -336,7 +337,8 @@ class StoredPolicy:
         if c.policy_sha256 is None:
             problem = "its certificate names no policy hash (made by an older edgequee)"
         elif c.policy_sha256 != self.spec_sha256():
-            problem = "its params or arrays differ from what the certificate was computed for (edited after calibration?)"
+            problem = ("its params or arrays differ from what the certificate was computed for "
+                       "(edited after calibration?)")
         else:
             return self
         return dataclasses.replace(self, certificate=None,
@@ -472,7 +474,6 @@ class Bundle:
         self.manifest_sha256 = manifest_sha256
         self._policy_bytes = dict(policy_bytes or {})  # the stored policy's files as verified by load_bundle
         self._heads: list[tuple[np.ndarray, np.ndarray]] | None = None
-        self.manifest_core = _manifest_core(manifest.to_json())  # load_bundle sets it from the file as read
         self.verified = False  # load_bundle(verify=True) checked every file's sha256
 
     def file(self, artifact: PrecisionArtifact) -> Path:
@@ -494,8 +495,8 @@ class Bundle:
             m, fix = self.manifest, "re-convert the model or re-flash the bundle"
             try:
                 with np.load(self.path / HEADS, allow_pickle=False) as z:
-                    heads = [(np.ascontiguousarray(z[f"w{i}"], np.float32), np.ascontiguousarray(z[f"b{i}"], np.float32))
-                             for i in range(m.num_exits)]
+                    heads = [(np.ascontiguousarray(z[f"w{i}"], np.float32),
+                              np.ascontiguousarray(z[f"b{i}"], np.float32)) for i in range(m.num_exits)]
             except (OSError, ValueError, KeyError) as e:
                 raise BundleError(f"{self.path}: {HEADS} is unreadable ({e}); {fix}") from e
             for i, (w, b) in enumerate(heads):
@@ -529,7 +530,8 @@ class Bundle:
                     arrays = {k: z[k] for k in z.files}
                 for k, a in arrays.items():
                     if a.dtype.kind not in "biuf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
-                        raise BundleError(f"{self.path}: stored policy array {k!r} is {a.dtype} or holds NaN/inf; {fix}")
+                        raise BundleError(f"{self.path}: stored policy array {k!r} is {a.dtype} or holds NaN/inf; "
+                                          f"{fix}")
             return StoredPolicy.from_json(spec, arrays).checked()
         except FileNotFoundError as e:
             raise BundleError(f"{self.path}: stored policy file {e.filename} is missing; {fix}") from e
@@ -559,12 +561,26 @@ def _read_plain(root: Path, rel: str) -> bytes:
         return f.read()
 
 
-def refuse_symlinks(root: Path) -> None:
-    """A BundleError naming the first symlink (or device, fifo, socket) anywhere inside ``root``.
+class NotPlainFile(BundleError):
+    """Something inside a bundle that is not a plain file or folder: a symlink (``link`` is its target) or a fifo,
+    socket or device (``link`` None)."""
+
+    def __init__(self, root: Path, rel: str, link: str | None):
+        self.root, self.rel, self.link = root, rel, link
+        super().__init__(f"{root}: {rel} is a symlink; a bundle holds plain files only: replace the link with the file "
+                         "it should be, or re-convert the model" if link is not None else
+                         f"{root}: {rel} is not a regular file; remove it or re-convert the model")
+
+
+def plain_files(root: Path) -> dict[str, int]:
+    """``{bundle-relative path: size}`` of every file inside ``root``, following nothing: ``NotPlainFile`` for the
+    first symlink (or fifo, socket, device) found.
 
     ``root`` itself may be a symlink (a flashed device's ``current``); nothing inside it may be, so nothing a
     bundle names can lead outside it."""
-    stack = [Path(root)]
+    root = Path(root)
+    files: dict[str, int] = {}
+    stack = [root]
     while stack:
         folder = stack.pop()
         try:
@@ -573,23 +589,19 @@ def refuse_symlinks(root: Path) -> None:
             raise BundleError(f"{folder}: cannot list ({e.strerror}); fix its permissions") from e
         for entry in entries:
             try:
-                mode = entry.stat(follow_symlinks=False).st_mode
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # removed meanwhile (a superseded policy file): not in the bundle any more
                 continue
-            rel = Path(entry.path).relative_to(root)
-            if stat.S_ISLNK(mode):
-                raise BundleError(f"{root}: {rel} is a symlink; a bundle holds plain files only: replace the link "
-                                  "with the file it should be, or re-convert the model")
-            if stat.S_ISDIR(mode):
+            rel = Path(entry.path).relative_to(root).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                raise NotPlainFile(root, rel, os.readlink(entry.path))
+            if stat.S_ISDIR(st.st_mode):
                 stack.append(Path(entry.path))
-            elif not stat.S_ISREG(mode):
-                raise BundleError(f"{root}: {rel} is not a regular file; remove it or re-convert the model")
-
-
-def _manifest_core(data: Mapping[str, Any]) -> str:
-    """sha256 of a manifest without its policy entry: what calibrate and profile must find unchanged."""
-    return hashlib.sha256(json.dumps({k: v for k, v in data.items() if k != "policy"}, sort_keys=True,
-                                     default=json_default).encode()).hexdigest()
+            elif stat.S_ISREG(st.st_mode):
+                files[rel] = st.st_size
+            else:
+                raise NotPlainFile(root, rel, None)
+    return files
 
 
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
@@ -604,7 +616,7 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         previous = _set_aside(path)
         if previous is None:
             raise BundleError(f"{path}: no {MANIFEST}; is this an edgequee bundle? (make one with edgequee convert)")
-        if _dead_writer(previous.name):  # replay the dead writer's rollback, as its successor would
+        if dead_writer(previous.name, _set_aside_prefix(path)):  # replay the dead writer's rollback
             try:
                 with bundle_lock(path, "restore", timeout_s=5):
                     _recover_replaced(Path(path).absolute())
@@ -614,7 +626,7 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         if not mpath.is_file():
             path = previous  # a replace is between its two renames right now
     for attempt in range(5):
-        refuse_symlinks(path)
+        plain_files(path)
         raw = _read_plain(path, MANIFEST)
         try:
             return _load(path, raw, verify)
@@ -655,7 +667,6 @@ def _load(path: Path, raw: bytes, verify: bool) -> Bundle:
                     f"the file is corrupt: {fix}"
                 )
     bundle = Bundle(path, manifest, hashlib.sha256(raw).hexdigest(), policy_bytes)
-    bundle.manifest_core = _manifest_core(data)
     bundle.verified = verify
     if verify:
         bundle.heads()
@@ -665,7 +676,8 @@ def _load(path: Path, raw: bytes, verify: bool) -> Bundle:
 def is_bundle_dir(path: Path) -> bool:
     """True for a directory (not a symlink) holding a manifest.json file: something edgequee may replace."""
     path = Path(path)
-    return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file() and not (path / MANIFEST).is_symlink()
+    manifest = path / MANIFEST
+    return path.is_dir() and not path.is_symlink() and manifest.is_file() and not manifest.is_symlink()
 
 
 def write_bundle(staging: Path, manifest: Manifest, dest: Path, overwrite: bool = False) -> Bundle:
@@ -686,7 +698,7 @@ def write_bundle(staging: Path, manifest: Manifest, dest: Path, overwrite: bool 
         if os.path.lexists(dest):
             check_replaceable(dest, overwrite)
             if not _exchange(staging, dest):
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}-0")
+                old = dest.with_name(f"{_set_aside_prefix(dest)}{os.getpid()}-0")
                 os.replace(dest, old)
                 try:
                     os.replace(staging, dest)
@@ -705,8 +717,9 @@ def check_replaceable(dest: Path, overwrite: bool) -> None:
     """A BundleError unless the existing ``dest`` may be replaced: an edgequee bundle (or an empty folder), and
     ``overwrite``. A symlink, a file or a folder of anything else is never deleted."""
     if dest.is_symlink() or not dest.is_dir():
-        raise BundleError(f"{dest} exists and is not a bundle directory ({'a symlink' if dest.is_symlink() else 'a file'}); "
-                          "edgequee will not replace it: move it away or choose another --out")
+        what = "a symlink" if dest.is_symlink() else "a file"
+        raise BundleError(f"{dest} exists and is not a bundle directory ({what}); edgequee will not replace it: "
+                          "move it away or choose another --out")
     if not is_bundle_dir(dest) and any(dest.iterdir()):
         raise BundleError(f"{dest} exists and is not an edgequee bundle (no {MANIFEST}); edgequee will not delete it: "
                           "move it away or choose another --out")
@@ -718,9 +731,14 @@ def _recover_replaced(dest: Path) -> None:
     """Put back a bundle that a writer killed between its two renames left at ``.NAME.old-PID-*``; remove the
     other ones of dead writers."""
     old = _set_aside(dest)
-    if old is not None and _dead_writer(old.name):
+    if old is not None and dead_writer(old.name, _set_aside_prefix(dest)):
         os.replace(old, dest)
-    remove_stale(dest.parent, f".{dest.name}.old-")
+    remove_stale(dest.parent, _set_aside_prefix(dest))
+
+
+def _set_aside_prefix(dest: Path) -> str:
+    """Where a replace without renameat2 puts the old bundle: ``.NAME.old-<pid>-0`` beside it."""
+    return f".{Path(dest).absolute().name}.old-"
 
 
 def _set_aside(dest: Path) -> Path | None:
@@ -729,13 +747,8 @@ def _set_aside(dest: Path) -> Path | None:
     dest = Path(dest).absolute()
     if os.path.lexists(dest) or not dest.parent.is_dir():
         return None
-    olds = [p for p in dest.parent.glob(f".{dest.name}.old-*") if is_bundle_dir(p)]
+    olds = [p for p in dest.parent.glob(f"{_set_aside_prefix(dest)}*") if is_bundle_dir(p)]
     return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
-
-
-def _dead_writer(name: str) -> bool:
-    m = re.search(r"-(\d+)-", name)
-    return m is not None and not pid_alive(int(m.group(1)))
 
 
 _RENAME_EXCHANGE = 2
@@ -777,6 +790,11 @@ def save_heads(path: Path, heads: Sequence[tuple[np.ndarray, np.ndarray]]) -> st
     return sha256_file(path)
 
 
+def _without_policy(m: Manifest) -> Manifest:
+    """What calibrate must find unchanged on disk before it writes: the manifest but for its policy entry."""
+    return dataclasses.replace(m, policy=None)
+
+
 class PolicyKept(BundleError):
     """``write_policy`` kept the bundle's certified policy rather than store an uncertified one over it."""
 
@@ -798,9 +816,10 @@ def write_policy(bundle: Bundle, policy: StoredPolicy, *, replace_certified: boo
     root = Path(bundle.path)
     pdir = root / POLICY_DIR
     with bundle_lock(root, "calibrate"):
-        refuse_symlinks(root)
+        plain_files(root)
         data = json.loads(_read_plain(root, MANIFEST))
-        if not isinstance(data, dict) or _manifest_core(data) != bundle.manifest_core:
+        on_disk = Manifest.from_json(data) if isinstance(data, dict) else None
+        if on_disk is None or _without_policy(on_disk) != _without_policy(bundle.manifest):
             raise BundleError(f"{root} was replaced while this ran (edgequee convert --force?); run it again on "
                               "the new bundle")
         if not replace_certified and policy.certificate is not None and not policy.certificate.feasible:
@@ -808,7 +827,7 @@ def write_policy(bundle: Bundle, policy: StoredPolicy, *, replace_certified: boo
             if current is not None and current.certificate is not None and current.certificate.feasible:
                 raise PolicyKept(f"kept the certified policy already in {root} ({current.name}, "
                                  f"{current.certificate.knob}={current.certificate.knob_value})")
-        previous = PolicyEntry(**data["policy"]).files() if data.get("policy") else {}
+        previous = on_disk.policy.files() if on_disk.policy is not None else {}
         pdir.mkdir(exist_ok=True)
         for tmp in list(pdir.glob(".policy.*")) + list(pdir.glob(".arrays.*")) + list(root.glob(f".{MANIFEST}.*")):
             tmp.unlink(missing_ok=True)  # debris of a writer killed mid-write (every writer holds this lock)
@@ -834,7 +853,7 @@ def write_profile(bundle: Bundle, device: str, profile: Mapping[str, Any]) -> Pa
     check_device_name(device)
     root = Path(bundle.path)
     with bundle_lock(root, "profile"):
-        refuse_symlinks(root)
+        plain_files(root)
         folder = bundle.profiles_dir
         folder.mkdir(exist_ok=True)
         for tmp in folder.glob(".*.json.*"):

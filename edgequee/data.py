@@ -20,8 +20,8 @@ import numpy as np
 from ._lazy import require
 from .errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "save_npz", "read_image", "check_labels", "crop_flip", "augmented_copies",
-           "IMAGE_SUFFIXES"]
+__all__ = ["Dataset", "load_dataset", "save_npz", "read_image", "npz_array", "check_labels", "crop_flip",
+           "augmented_copies", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "mnist": "MNIST"}
@@ -135,7 +135,8 @@ def load_dataset(spec: str | os.PathLike[str], image_size: tuple[int, int] | Non
     )
 
 
-def _npz_array(z: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+def npz_array(z: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """``z[key]`` of the .npz at ``path``, an object array or a corrupt archive being a one-line DataError."""
     try:
         return z[key]
     except ValueError as e:
@@ -159,10 +160,10 @@ def _load_npz(path: Path, model_classes: Sequence[str] | None = None) -> Dataset
     with z:
         if "x_test" not in z or "y_test" not in z:
             raise DataError(f"{path}: needs arrays x_test and y_test (has {', '.join(z.files)})")
-        x_test, y_test = _npz_array(z, path, "x_test"), _npz_array(z, path, "y_test")
-        x_train = _npz_array(z, path, "x_train") if "x_train" in z else x_test[:0]
-        y_train = _npz_array(z, path, "y_train") if "y_train" in z else y_test[:0]
-        stored = _npz_array(z, path, "classes") if "classes" in z else None
+        x_test, y_test = npz_array(z, path, "x_test"), npz_array(z, path, "y_test")
+        x_train = npz_array(z, path, "x_train") if "x_train" in z else x_test[:0]
+        y_train = npz_array(z, path, "y_train") if "y_train" in z else y_test[:0]
+        stored = npz_array(z, path, "classes") if "classes" in z else None
     for name, x in (("x_test", x_test), ("x_train", x_train)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
             hint = ("; save pixels as np.uint8 0-255 (floats in 0-1: (x * 255).round().astype(np.uint8))"

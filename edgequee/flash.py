@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from . import __version__, _flash_agent
-from .bundle import MANIFEST, load_bundle, sha256_file, write_profile
+from .bundle import MANIFEST, NotPlainFile, load_bundle, plain_files, sha256_file, write_profile
 from .errors import BundleError, DeviceError
 from .schema import check_device_name, check_profile
 from .progress import Progress
@@ -418,34 +418,18 @@ _LINK_FIX = "replace the symlink with the file or re-convert the bundle"
 
 
 def _walk_bundle(top: Path) -> dict[str, int]:
-    """``{relative path: size}`` of the regular files under ``top``, refusing any symlink or special file in it.
-
-    Nothing is followed (os.walk without followlinks, lstat on every entry), so a link in a bundle can never make
-    flash read, and send to a device, a file from elsewhere on this machine (a private key, say).
-    """
-
-    def fail(e: OSError) -> None:
-        raise FlashError(f"cannot read {e.filename}: {e.strerror}; check the bundle's permissions") from None
-
-    files = {}
-    for d, dirs, names in os.walk(top, onerror=fail, followlinks=False):
-        for n in sorted(dirs + names):
-            p = os.path.join(d, n)
-            rel = os.path.relpath(p, top).replace(os.sep, "/")
-            try:
-                st = os.lstat(p)
-            except OSError as e:
-                fail(e)
-            if stat.S_ISLNK(st.st_mode):
-                kind = "directory" if os.path.isdir(p) else "file"
-                raise FlashError(f"{top}: {rel} is a symlink ({kind} link to {os.readlink(p)}) and flash never "
-                                 f"follows links out of a bundle: {_LINK_FIX}")
-            if stat.S_ISREG(st.st_mode):
-                files[rel] = st.st_size
-            elif not stat.S_ISDIR(st.st_mode):
-                raise FlashError(f"{top}: {rel} is not a regular file or directory (a fifo, socket or device): "
-                                 "remove it or re-convert the bundle")
-    return files
+    """``{relative path: size}`` of the files under ``top`` (``bundle.plain_files``: nothing is followed, so a link in
+    a bundle can never make flash read, and send to a device, a file from elsewhere on this machine, a private key
+    say), a symlink or special file refused in flash's words."""
+    try:
+        return plain_files(top)
+    except NotPlainFile as e:
+        if e.link is None:
+            raise FlashError(f"{top}: {e.rel} is not a regular file or directory (a fifo, socket or device): "
+                             "remove it or re-convert the bundle") from None
+        kind = "directory" if os.path.isdir(top / e.rel) else "file"
+        raise FlashError(f"{top}: {e.rel} is a symlink ({kind} link to {e.link}) and flash never follows links out "
+                         f"of a bundle: {_LINK_FIX}") from None
 
 
 def _check_manifest_paths(top: Path, manifest: dict[str, Any]) -> None:

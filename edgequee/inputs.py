@@ -11,7 +11,7 @@ import numpy as np
 
 from ._lazy import require
 from .bundle import InputSpec
-from .data import IMAGE_SUFFIXES, _npz_array, read_image
+from .data import IMAGE_SUFFIXES, npz_array, read_image
 from .errors import DataError
 
 __all__ = ["Input", "read_inputs"]
@@ -90,7 +90,7 @@ def _npz_images(path: Path, spec: InputSpec) -> np.ndarray:
         if not z.files:
             raise DataError(f"{path}: holds no arrays; save images with np.savez(path, x_test=images)")
         key = "x_test" if "x_test" in z else z.files[0]
-        images = _npz_array(z, path, key)
+        images = npz_array(z, path, key)
     _check(images, spec, f"{path}[{key}]", batch=True)
     if len(images) == 0:
         raise DataError(f"{path}: {key} holds no images")

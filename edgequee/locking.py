@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .errors import BundleError
 
-__all__ = ["bundle_lock", "remove_stale", "pid_alive", "LOCK_TIMEOUT_S"]
+__all__ = ["bundle_lock", "remove_stale", "dead_writer", "pid_alive", "LOCK_TIMEOUT_S"]
 
 LOCK_TIMEOUT_S = 60.0  # every critical section is a few file writes; a lock held longer belongs to a stuck writer
 
@@ -83,6 +83,12 @@ def bundle_lock(bundle: str | os.PathLike[str], purpose: str, timeout_s: float =
 _PID = re.compile(r"-(\d+)-")
 
 
+def dead_writer(name: str, prefix: str) -> bool:
+    """True for ``<prefix><pid>-...`` whose writer ``pid`` is no longer running."""
+    m = _PID.match(name[len(prefix) - 1:]) if name.startswith(prefix) else None
+    return m is not None and not pid_alive(int(m.group(1)))
+
+
 def remove_stale(folder: Path, prefix: str) -> list[Path]:
     """Remove ``folder/<prefix><pid>-*`` entries (files or directories) whose writer ``pid`` is dead; return them.
 
@@ -93,10 +99,7 @@ def remove_stale(folder: Path, prefix: str) -> list[Path]:
     except OSError:
         return removed
     for e in entries:
-        if not e.name.startswith(prefix):
-            continue
-        m = _PID.match(e.name[len(prefix) - 1:])
-        if m is None or pid_alive(int(m.group(1))):
+        if not dead_writer(e.name, prefix):
             continue
         p = Path(e.path)
         if e.is_dir(follow_symlinks=False):

@@ -55,10 +55,11 @@ class _Doc:
         if not isinstance(v, int) or isinstance(v, bool):
             self.fail(field, f"must be an integer, got {_kind(v)}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            self.fail(field, f"is {v}, must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]")
+            self.fail(field, f"is {v}, must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
         return v
 
-    def number(self, v: Any, field: str, lo: float | None = None, positive: bool = False, inf_ok: bool = False) -> float:
+    def number(self, v: Any, field: str, lo: float | None = None, positive: bool = False,
+               inf_ok: bool = False) -> float:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             self.fail(field, f"must be a number, got {_kind(v)}")
         if math.isnan(v) or (math.isinf(v) and not inf_ok):
@@ -216,9 +217,11 @@ def _check_parity(doc: _Doc, p: Mapping[str, Any], num_blocks: int) -> None:
         known = {"block", "precision", "exit_agreement", "hidden_max_abs_err", "features_max_abs_err"}
         if set(b) != known:
             doc.fail(f, f"must have exactly the fields {sorted(known)}")
-        seen.add((doc.integer(b["block"], f"{f}.block", lo=0, hi=num_blocks - 1), doc.text(b["precision"], f"{f}.precision")))
-        for key in ("exit_agreement", "features_max_abs_err") + (("hidden_max_abs_err",) if b["hidden_max_abs_err"] is not None else ()):
-            doc.number(b[key], f"{f}.{key}", lo=0)
+        seen.add((doc.integer(b["block"], f"{f}.block", lo=0, hi=num_blocks - 1),
+                  doc.text(b["precision"], f"{f}.precision")))
+        for key in ("exit_agreement", "features_max_abs_err", "hidden_max_abs_err"):
+            if b[key] is not None or key != "hidden_max_abs_err":
+                doc.number(b[key], f"{f}.{key}", lo=0)
     missing = [(i, q) for q in chained for i in range(num_blocks) if (i, q) not in seen]
     if missing:
         doc.fail("parity.isolated", f"lacks block {missing[0][0]} at {missing[0][1]}, which parity.chained reports")
